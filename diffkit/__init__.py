@@ -1,0 +1,69 @@
+"""diffkit: a plugin-extensible toolkit for diffusion models.
+
+    >>> import diffkit
+    >>> pipe = diffkit.Pipeline.from_spec("examples/moons.yaml")
+    >>> pipe.fit()
+    >>> x = pipe.sample(1000, seed=0)
+"""
+
+from diffkit.errors import ComponentLookupError, DiffkitError, PluginError, SpecError
+from diffkit.hookspecs import API_VERSION, hookimpl
+from diffkit.interfaces import (
+    BuildContext,
+    Dataset,
+    Denoiser,
+    Guidance,
+    Objective,
+    Predict,
+    Sampler,
+    Schedule,
+    TensorData,
+)
+from diffkit.plugins import get_registry, load_plugins, set_registry
+from diffkit.registry import Component, Params, Registry
+
+__version__ = "0.1.0"
+
+
+def build(kind: str, config: "str | dict", **params: object) -> object:
+    """Build one registered component, e.g. ``diffkit.build("schedule", "cosine", timesteps=500)``."""
+    if isinstance(config, str):
+        config = {"type": config}
+    return get_registry().build(kind, {**config, **params})
+
+
+def __getattr__(name: str) -> object:
+    # The pipeline pulls in training and plotting; import it only when asked for.
+    if name == "Pipeline":
+        from diffkit.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'diffkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "API_VERSION",
+    "BuildContext",
+    "Component",
+    "ComponentLookupError",
+    "Dataset",
+    "Denoiser",
+    "DiffkitError",
+    "Guidance",
+    "Objective",
+    "Params",
+    "Pipeline",
+    "PluginError",
+    "Predict",
+    "Registry",
+    "Sampler",
+    "Schedule",
+    "SpecError",
+    "TensorData",
+    "build",
+    "get_registry",
+    "hookimpl",
+    "load_plugins",
+    "set_registry",
+    "__version__",
+]

@@ -1,0 +1,106 @@
+"""The shared mathematics of diffusion models, written once for every plugin.
+
+Index convention: a schedule of ``T`` steps is indexed ``t = 0 .. T-1``; index ``t``
+is the paper's step ``t + 1`` (Ho et al. 2020 count 1..T). ``alpha_bar`` at the
+"previous" step of ``t = 0`` is 1: the clean data.
+
+Every function here works for any tensor rank: per-sample coefficients of shape
+``[B]`` are broadcast against data of shape ``[B, ...]`` by :func:`expand_like`, so
+the same code serves 2-D points and 4-D images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "expand_like",
+    "gather",
+    "q_sample",
+    "eps_to_x0",
+    "x0_to_eps",
+    "eps_to_score",
+    "score_to_eps",
+    "x0_eps_to_v",
+    "v_to_eps",
+    "v_to_x0",
+    "posterior_coefficients",
+]
+
+
+def expand_like(v: Tensor, x: Tensor) -> Tensor:
+    """Append singleton axes to ``v`` (shape ``[B]`` or scalar) so it broadcasts against ``x``."""
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def gather(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """``coef[t]`` moved to ``x``'s device and dtype, shaped to broadcast against ``x``."""
+    return expand_like(coef.to(device=x.device)[t].to(x.dtype), x)
+
+
+def q_sample(x0: Tensor, alpha_bar_t: Tensor, noise: Tensor) -> Tensor:
+    """Draw from q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  (Ho et al. 2020, Eq. 4; Bishop 20.6).
+
+    ``alpha_bar_t`` is already broadcast against ``x0`` (see :func:`gather`).
+    """
+    return alpha_bar_t.sqrt() * x0 + (1.0 - alpha_bar_t).sqrt() * noise
+
+
+def eps_to_x0(eps: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t  (Ho et al. 2020, Eq. 4 solved for x_0)."""
+    return (x_t - (1.0 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def x0_to_eps(x0: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """ε̂ = (x_t − √ᾱ_t x̂_0) / √(1−ᾱ_t)  (Ho et al. 2020, Eq. 4 solved for ε)."""
+    return (x_t - alpha_bar_t.sqrt() * x0) / (1.0 - alpha_bar_t).sqrt()
+
+
+def eps_to_score(eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """∇ log p(x_t) = −ε̂ / σ_t with σ_t = √(1−ᾱ_t)  (Tweedie; Song et al. 2021, Eq. 7 setting)."""
+    return -eps / (1.0 - alpha_bar_t).sqrt()
+
+
+def score_to_eps(score: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """ε̂ = −σ_t · ∇ log p(x_t), the inverse of :func:`eps_to_score`."""
+    return -score * (1.0 - alpha_bar_t).sqrt()
+
+
+def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """v = √ᾱ_t ε − √(1−ᾱ_t) x_0  (Salimans & Ho 2022, Sec. 4)."""
+    return alpha_bar_t.sqrt() * eps - (1.0 - alpha_bar_t).sqrt() * x0
+
+
+def v_to_eps(v: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """ε̂ = √ᾱ_t v + √(1−ᾱ_t) x_t  (Salimans & Ho 2022, Appendix D)."""
+    return alpha_bar_t.sqrt() * v + (1.0 - alpha_bar_t).sqrt() * x_t
+
+
+def v_to_x0(v: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
+    """x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v  (Salimans & Ho 2022, Appendix D)."""
+    return alpha_bar_t.sqrt() * x_t - (1.0 - alpha_bar_t).sqrt() * v
+
+
+def posterior_coefficients(
+    alpha_bar_t: Tensor, alpha_bar_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficients of q(x_s | x_t, x_0) for any s < t (Ho et al. 2020, Eq. 6–7).
+
+    With α_{t|s} = ᾱ_t / ᾱ_s and β_{t|s} = 1 − α_{t|s} (the one-step kernel from s
+    to t), the posterior is N(c_0 x_0 + c_t x_t, β̃ I) where
+
+        c_0 = √ᾱ_s β_{t|s} / (1 − ᾱ_t),
+        c_t = √α_{t|s} (1 − ᾱ_s) / (1 − ᾱ_t),
+        β̃  = (1 − ᾱ_s) / (1 − ᾱ_t) · β_{t|s}.
+
+    With s = t − 1 these are Eq. 7 exactly; with s further back they are the
+    posterior of a respaced chain (Nichol & Dhariwal 2021, Sec. 4). Returns
+    ``(c_0, c_t, β̃)``.
+    """
+    alpha_ts = alpha_bar_t / alpha_bar_s
+    beta_ts = 1.0 - alpha_ts
+    c0 = alpha_bar_s.sqrt() * beta_ts / (1.0 - alpha_bar_t)
+    ct = alpha_ts.sqrt() * (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t)
+    var = (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t) * beta_ts
+    return c0, ct, var

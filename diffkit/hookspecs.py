@@ -1,0 +1,60 @@
+"""The hooks a plugin implements: one per kind of component.
+
+Each hook takes no arguments and returns a list of :class:`diffkit.Component`
+records. A plugin is any module or object with functions marked ``@hookimpl``,
+exposed through an entry point in the group ``diffkit``::
+
+    [project.entry-points.diffkit]
+    my-plugin = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "diffkit"
+API_VERSION = 1
+"""Version of this hook API; bumped when a hook's contract changes incompatibly."""
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# kind of component -> name of the hook that supplies it
+HOOKS: dict[str, str] = {
+    "data": "diffkit_datasets",
+    "schedule": "diffkit_schedules",
+    "denoiser": "diffkit_denoisers",
+    "objective": "diffkit_objectives",
+    "sampler": "diffkit_samplers",
+    "guidance": "diffkit_guidance",
+}
+
+
+@hookspec
+def diffkit_schedules() -> list:  # type: ignore[empty-body]
+    """Return the noise schedules (forward processes) this plugin provides; factories return a Schedule."""
+
+
+@hookspec
+def diffkit_denoisers() -> list:  # type: ignore[empty-body]
+    """Return the denoiser networks this plugin provides; factories return an nn.Module."""
+
+
+@hookspec
+def diffkit_objectives() -> list:  # type: ignore[empty-body]
+    """Return the training objectives this plugin provides; factories return an Objective."""
+
+
+@hookspec
+def diffkit_samplers() -> list:  # type: ignore[empty-body]
+    """Return the reverse-process samplers this plugin provides; factories return a Sampler."""
+
+
+@hookspec
+def diffkit_guidance() -> list:  # type: ignore[empty-body]
+    """Return the guidance methods this plugin provides; factories return a Guidance."""
+
+
+@hookspec
+def diffkit_datasets() -> list:  # type: ignore[empty-body]
+    """Return the datasets this plugin provides; factories return a Dataset."""

@@ -1,0 +1,303 @@
+"""The contracts between diffkit's core and its plugins.
+
+The core knows these interfaces and nothing concrete: every schedule, network,
+objective, sampler, guidance method and dataset is supplied by a plugin and found
+by name in the registry.
+
+=========  ================================================================
+Schedule   the forward process q(x_t | x_0): ᾱ_t in float64, computed once
+Denoiser   the network, ``forward(x_t, t, cond=None) -> Tensor`` of x_t's shape
+Objective  what the network's output means, and the training loss
+Sampler    the reverse process, driven by ``predict(x_t, t) -> ε̂``
+Guidance   wraps ``predict`` to steer toward a condition
+Dataset    training data in model space (images in [-1, 1]), labels if any
+=========  ================================================================
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffkit import diffusion as D
+
+__all__ = [
+    "Schedule",
+    "Denoiser",
+    "Objective",
+    "Predict",
+    "Sampler",
+    "Guidance",
+    "Dataset",
+    "TensorData",
+    "BuildContext",
+    "TIMESTEP_SPACINGS",
+]
+
+Predict = Callable[[Tensor, Tensor], Tensor]
+"""``predict(x_t, t) -> ε̂``: the only view of the model a sampler gets."""
+
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+Spacing = Literal["linspace", "leading", "trailing"]
+
+
+class Schedule:
+    """The forward process, defined by ᾱ_t = ∏_{s≤t} (1 − β_s) for t = 0..T-1.
+
+    A plugin computes ᾱ (or β) once; everything else is derived here in float64 so
+    that every schedule shares one implementation of q_sample and the posterior.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        if abar.ndim != 1 or abar.numel() < 2:
+            raise ValueError("a schedule needs ᾱ_t as a 1-D tensor of at least 2 steps")
+        if not torch.isfinite(abar).all() or (abar <= 0).any() or (abar >= 1).any():
+            raise ValueError("every ᾱ_t must lie strictly inside (0, 1)")
+        if (abar[1:] >= abar[:-1]).any():
+            raise ValueError("ᾱ_t must be strictly decreasing in t")
+        self.alphas_cumprod: Tensor = abar
+        # ᾱ with the clean-data value 1 prepended: index t + 1 holds ᾱ_t, index 0
+        # stands for "before the first step", so t = -1 reads ᾱ = 1.
+        self._abar_ext = torch.cat([abar.new_ones(1), abar])
+        self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @classmethod
+    def from_betas(cls, betas: Tensor) -> Schedule:
+        """ᾱ_t = ∏_{s≤t} (1 − β_s)  (Ho et al. 2020, notation above Eq. 4)."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    # -- derived quantities, all float64 of length T -------------------------------
+    @property
+    def T(self) -> int:
+        """The number of diffusion steps."""
+        return self.alphas_cumprod.numel()
+
+    @property
+    def alphas_cumprod_prev(self) -> Tensor:
+        """ᾱ_{t-1}, with ᾱ_{-1} = 1."""
+        return self._abar_ext[:-1]
+
+    @property
+    def alphas(self) -> Tensor:
+        """α_t = ᾱ_t / ᾱ_{t-1}."""
+        return self.alphas_cumprod / self.alphas_cumprod_prev
+
+    @property
+    def betas(self) -> Tensor:
+        """β_t = 1 − α_t."""
+        return 1.0 - self.alphas
+
+    @property
+    def sigmas(self) -> Tensor:
+        """σ_t = √(1 − ᾱ_t), the standard deviation of the noise in x_t."""
+        return (1.0 - self.alphas_cumprod).sqrt()
+
+    @property
+    def snr(self) -> Tensor:
+        """SNR(t) = ᾱ_t / (1 − ᾱ_t)  (Kingma et al. 2021)."""
+        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """β̃_t = (1 − ᾱ_{t-1}) / (1 − ᾱ_t) · β_t  (Ho et al. 2020, Eq. 7)."""
+        return (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod) * self.betas
+
+    # -- per-sample access ---------------------------------------------------------
+    def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
+        """ᾱ_t for integer timesteps ``t`` (``-1`` meaning clean data), cast to
+        ``like``'s dtype and device and broadcast against it."""
+        key = (like.device, like.dtype)
+        table = self._cache.get(key)
+        if table is None:
+            table = self._abar_ext.to(device=like.device, dtype=like.dtype)
+            self._cache[key] = table
+        return D.expand_like(table[t + 1], like)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t ~ q(x_t | x_0)  (Ho et al. 2020, Eq. 4)."""
+        return D.q_sample(x0, self.alpha_bar(t, x0), noise)
+
+    def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_s | x_t, x_0), s = t − 1 unless given (Ho et al. 2020, Eq. 6–7)."""
+        s = t - 1 if s is None else s
+        c0, ct, var = D.posterior_coefficients(self.alpha_bar(t, x_t), self.alpha_bar(s, x_t))
+        return c0 * x0 + ct * x_t, var
+
+    def timesteps(self, steps: int | None = None, spacing: Spacing = "linspace") -> list[int]:
+        """The descending timesteps a sampler visits when it takes ``steps`` ≤ T steps.
+
+        ``linspace`` spreads them evenly from T−1 to 0, ``leading`` takes every
+        (T // steps)-th step from 0 (Ho et al. 2020's code), and ``trailing`` steps back
+        from T−1 by T / steps (Lin et al. 2024, Table 2). Every sequence starts at or
+        below T−1, is strictly decreasing, and the sampler's last update goes to the
+        clean data (ᾱ = 1).
+        """
+        T = self.T
+        steps = T if steps is None else int(steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be between 1 and the schedule's T = {T}, got {steps}")
+        if spacing == "linspace":
+            ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+        elif spacing == "leading":
+            ts = (torch.arange(steps - 1, -1, -1) * (T // steps)).long()
+        elif spacing == "trailing":
+            ts = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long() - 1
+        else:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+        return ts.tolist()
+
+    def __repr__(self) -> str:
+        a = self.alphas_cumprod
+        return f"Schedule(T={self.T}, ᾱ_0={a[0].item():.6g}, ᾱ_T-1={a[-1].item():.3g})"
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """The network: ``denoiser(x_t, t, cond=None)`` returns a tensor of x_t's shape.
+
+    ``t`` holds integer timesteps of shape ``[batch]``; ``cond`` holds integer labels
+    of shape ``[batch]`` for conditional networks (or ``None``). Any ``nn.Module``
+    with this call signature is a denoiser.
+    """
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+
+class Objective(ABC):
+    """What the network's output means, and the loss that teaches it.
+
+    A subclass says what the network regresses to (:meth:`target`), how its output
+    converts to ε̂ (:meth:`to_eps`) and, optionally, a per-timestep weight. The loss,
+    and the conversions to x̂_0 and the score, are shared.
+    """
+
+    @abstractmethod
+    def target(self, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """The regression target of the network for this x_0, ε and t."""
+
+    @abstractmethod
+    def to_eps(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """Convert the network's output to the noise estimate ε̂."""
+
+    def weight(self, t: Tensor, schedule: Schedule, like: Tensor) -> Tensor | None:
+        """Per-sample loss weight λ(t) of shape ``[batch]``, or ``None`` for uniform."""
+        return None
+
+    def loss(
+        self,
+        denoiser: nn.Module | Denoiser,
+        schedule: Schedule,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """E_{t, ε} λ(t) ‖f_θ(x_t, t) − target‖²: t uniform over the T steps, ε ~ N(0, I)
+        (Ho et al. 2020, Alg. 1 and Eq. 14, with the target set by the objective)."""
+        t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = schedule.q_sample(x0, t, eps)
+        output = denoiser(x_t, t, cond)
+        target = self.target(x0, eps, x_t, t, schedule)
+        w = self.weight(t, schedule, x0)
+        if w is None:
+            return F.mse_loss(output, target)
+        per_sample = (output - target).square().flatten(1).mean(dim=1)
+        return (w * per_sample).mean()
+
+    def to_x0(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """The network's estimate of the clean data x̂_0."""
+        return D.eps_to_x0(self.to_eps(output, x_t, t, schedule), x_t, schedule.alpha_bar(t, x_t))
+
+    def to_score(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+        """The network's estimate of the score ∇ log p(x_t)."""
+        return D.eps_to_score(self.to_eps(output, x_t, t, schedule), schedule.alpha_bar(t, x_t))
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """The reverse process. It sees only ``predict(x_t, t) -> ε̂`` and the schedule,
+    never the network, the objective or guidance; its randomness comes from
+    ``generator``; it returns x_0 of shape ``shape``."""
+
+    def __call__(
+        self,
+        predict: Predict,
+        schedule: Schedule,
+        shape: Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """Steers sampling toward a condition by wrapping ``predict``."""
+
+    def wrap(self, predict: Predict, schedule: Schedule, cond: Tensor) -> Predict: ...
+
+
+class Dataset(torch.utils.data.Dataset):
+    """Training data in model space, ``dataset[i] -> (x, y)`` with ``y = -1`` where
+    there are no labels.
+
+    ``kind`` is ``"points"`` (vectors whose scale is arbitrary: the pipeline
+    standardises them and undoes it when sampling) or ``"images"`` (already in
+    [-1, 1], shape ``(C, H, W)``).
+    """
+
+    kind: Literal["points", "images"] = "points"
+    sample_shape: tuple[int, ...] = ()
+    num_classes: int | None = None
+
+    def tensors(self) -> tuple[Tensor, Tensor] | None:
+        """The whole dataset as ``(x, y)`` tensors if it lives in memory, else ``None``."""
+        return None
+
+
+class TensorData(Dataset):
+    """A dataset held in memory as tensors: the fast path for training."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        num_classes: int | None = None,
+        kind: Literal["points", "images"] = "points",
+    ) -> None:
+        self.x = x.float()
+        self.y = torch.full((x.shape[0],), -1, dtype=torch.long) if y is None else y.long()
+        self.num_classes = num_classes
+        self.kind = kind
+        self.sample_shape = tuple(x.shape[1:])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.x, self.y
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a component's factory may need to know about the rest of the pipeline."""
+
+    sample_shape: tuple[int, ...] = ()
+    num_classes: int | None = None
+    seed: int = 0
+    data_kind: str = "points"

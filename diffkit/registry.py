@@ -1,0 +1,281 @@
+"""The registry of components contributed by plugins.
+
+A plugin's hook returns :class:`Component` records; the registry files each under
+its kind together with where it came from (plugin, distribution, version). Names
+are looked up plainly (``linear``) or qualified by plugin (``my-plugin:linear``);
+two components of one kind and name are never resolved silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ConfigDict
+
+from diffkit import hookspecs
+from diffkit.errors import ComponentLookupError, PluginError
+from diffkit.interfaces import BuildContext
+
+__all__ = ["Params", "Component", "Entry", "PluginInfo", "Registry", "KINDS"]
+
+KINDS: tuple[str, ...] = tuple(hookspecs.HOOKS)
+
+
+class Params(BaseModel):
+    """Base of every component's parameters: unknown keys are rejected and values are
+    immutable once validated. Give every field a ``Field(description=...)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Component:
+    """What a plugin contributes: a named factory and the pydantic model of its parameters.
+
+    ``factory(params, ctx)`` builds the component from validated ``params`` and a
+    :class:`~diffkit.interfaces.BuildContext`. ``check(params, spec)``, if given, is
+    called after the whole spec validates and returns problems that involve other
+    parts of the spec (e.g. a network that does not fit the data's shape).
+    """
+
+    name: str
+    factory: Callable[[Any, BuildContext], Any]
+    params: type[BaseModel] = Params
+    description: str = ""
+    check: Callable[[Any, Any], list[str]] | None = None
+    data_shape: Callable[[Any], tuple[int, ...] | None] | None = None
+    """For datasets: the shape of one sample from the parameters alone, without loading."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A component as registered: the record plus its kind and provenance."""
+
+    kind: str
+    component: Component
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.plugin}:{self.component.name}"
+
+    @property
+    def source(self) -> str:
+        dist = f" from {self.distribution} {self.version}" if self.distribution else ""
+        return f"plugin '{self.plugin}'{dist}"
+
+
+@dataclass
+class PluginInfo:
+    """What became of one plugin: ``loaded``, ``failed``, ``blocked`` or ``not-loaded``."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    status: str
+    error: str | None = None
+    builtin: bool = False
+
+
+@dataclass
+class Registry:
+    """Components by kind, with where each came from, and what became of each plugin."""
+
+    entries: dict[str, list[Entry]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    plugins: list[PluginInfo] = field(default_factory=list)
+    pm: pluggy.PluginManager = field(default_factory=lambda: _new_plugin_manager())
+    generation: int = 0
+    """Bumped on every change, so that models built from the registry can be cached."""
+
+    # -- registration --------------------------------------------------------------
+    def register_plugin(
+        self,
+        plugin: object,
+        name: str | None = None,
+        *,
+        distribution: str | None = None,
+        version: str | None = None,
+        builtin: bool = False,
+    ) -> PluginInfo:
+        """Register one plugin object (a module or instance with ``@hookimpl`` functions)
+        and file the components its hooks return. Problems raise :class:`PluginError`."""
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        if self.pm.has_plugin(name):
+            raise PluginError(
+                f"a plugin named '{name}' is already registered"
+                f" (from {self._plugin_info(name).distribution or 'Python'}); plugin names must be unique"
+            )
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy validates hook signatures here
+            raise PluginError(f"plugin '{name}' could not be registered: {exc}") from exc
+        new: list[Entry] = []
+        try:
+            for kind, hook in hookspecs.HOOKS.items():
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin_name != name:
+                        continue
+                    records = impl.function()
+                    new += [self._entry(kind, rec, name, distribution, version) for rec in records or []]
+        except Exception as exc:
+            self.pm.unregister(name=name)
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginError(f"plugin '{name}' failed in its hook: {type(exc).__name__}: {exc}") from exc
+        for entry in new:
+            self.entries[entry.kind].append(entry)
+        self.generation += 1
+        info = PluginInfo(name, distribution, version, "loaded", builtin=builtin)
+        self.plugins.append(info)
+        return info
+
+    def unregister_plugin(self, name: str) -> None:
+        """Remove a plugin and every component it contributed."""
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        for kind in self.entries:
+            self.entries[kind] = [e for e in self.entries[kind] if e.plugin != name]
+        self.plugins = [p for p in self.plugins if p.name != name]
+        self.generation += 1
+
+    def _entry(self, kind: str, rec: object, plugin: str, dist: str | None, version: str | None) -> Entry:
+        if not isinstance(rec, Component):
+            raise PluginError(
+                f"plugin '{plugin}' returned {type(rec).__name__} from {hookspecs.HOOKS[kind]};"
+                " hooks must return a list of diffkit.Component records"
+            )
+        if not (isinstance(rec.params, type) and issubclass(rec.params, BaseModel)):
+            raise PluginError(f"{kind} '{rec.name}' of plugin '{plugin}': params must be a pydantic model class")
+        if rec.params.model_config.get("extra") != "forbid":
+            raise PluginError(
+                f"{kind} '{rec.name}' of plugin '{plugin}': its Params model must reject unknown keys;"
+                " derive it from diffkit.Params or set model_config = ConfigDict(extra='forbid')"
+            )
+        if not rec.name or ":" in rec.name or rec.name != rec.name.strip():
+            raise PluginError(f"plugin '{plugin}' gave a {kind} an invalid name {rec.name!r} (no ':' or spaces)")
+        if "type" in rec.params.model_fields:
+            raise PluginError(f"{kind} '{rec.name}' of plugin '{plugin}': 'type' is reserved and cannot be a parameter")
+        return Entry(kind, rec, plugin, dist, version)
+
+    def _plugin_info(self, name: str) -> PluginInfo:
+        for p in self.plugins:
+            if p.name == name:
+                return p
+        return PluginInfo(name, None, None, "unknown")
+
+    # -- lookup --------------------------------------------------------------------
+    def all(self, kind: str) -> list[Entry]:
+        self._check_kind(kind)
+        return list(self.entries[kind])
+
+    def tags(self, kind: str) -> dict[str, Entry]:
+        """Every name a spec may use for this kind: unique plain names and all qualified names."""
+        out: dict[str, Entry] = {}
+        for e in self.entries[kind]:
+            out[e.qualified] = e
+            if not self.is_duplicate(e):
+                out[e.name] = e
+        return out
+
+    def is_duplicate(self, entry: Entry) -> bool:
+        return sum(e.name == entry.name for e in self.entries[entry.kind]) > 1
+
+    def get(self, kind: str, name: str) -> Entry:
+        """The component of this kind called ``name`` (or ``plugin:name``)."""
+        self._check_kind(kind)
+        entries = self.entries[kind]
+        if ":" in name:
+            plugin, _, short = name.partition(":")
+            found = [e for e in entries if e.plugin == plugin and e.name == short]
+        else:
+            found = [e for e in entries if e.name == name]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ComponentLookupError(
+                f"{kind} '{name}' is provided by more than one plugin: "
+                + "; ".join(e.source for e in found)
+                + ". Choose one with the qualified name: "
+                + " or ".join(f"'{e.qualified}'" for e in found)
+            )
+        raise ComponentLookupError(self.unknown_message(kind, name))
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        available = sorted({e.name for e in self.entries[kind]})
+        choices = sorted(self.tags(kind))
+        close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        avail = ", ".join(available) if available else "none (is a plugin missing?)"
+        return f"unknown {kind} '{name}'.{hint} Available: {avail}."
+
+    def build(self, kind: str, config: BaseModel | dict[str, Any] | str, ctx: BuildContext | None = None) -> Any:
+        """Build a component from a spec section (a validated model, a dict with ``type``,
+        or a bare name) and tag the result with that section so it can be written back."""
+        ctx = ctx or BuildContext()
+        if isinstance(config, str):
+            config = {"type": config}
+        if isinstance(config, BaseModel):
+            config = config.model_dump()
+        config = dict(config)
+        if "type" not in config:
+            raise ComponentLookupError(f"a {kind} section needs a 'type'; one of: {', '.join(sorted(self.tags(kind)))}")
+        entry = self.get(kind, config.pop("type"))
+        params = entry.component.params.model_validate(config)
+        obj = entry.component.factory(params, ctx)
+        spec = {"type": entry.qualified if self.is_duplicate(entry) else entry.name, **params.model_dump(mode="json")}
+        try:
+            obj.__diffkit_spec__ = spec
+        except AttributeError:  # objects with __slots__ cannot carry their spec
+            pass
+        return obj
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.entries:
+            raise ComponentLookupError(f"unknown kind of component '{kind}'; kinds are {', '.join(KINDS)}")
+
+    def failed(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.status == "failed"]
+
+    def rows(self) -> Iterable[dict[str, Any]]:
+        """One row per component (and per plugin that contributed none because it failed),
+        as ``diffkit plugins`` shows them."""
+        for kind in KINDS:
+            for e in self.entries[kind]:
+                yield {
+                    "kind": kind,
+                    "name": e.name,
+                    "qualified_name": e.qualified,
+                    "plugin": e.plugin,
+                    "distribution": e.distribution,
+                    "version": e.version,
+                    "status": "duplicate" if self.is_duplicate(e) else "ok",
+                    "description": e.component.description,
+                }
+        for p in self.plugins:
+            if p.status != "loaded":
+                yield {
+                    "kind": None,
+                    "name": None,
+                    "qualified_name": None,
+                    "plugin": p.name,
+                    "distribution": p.distribution,
+                    "version": p.version,
+                    "status": p.status,
+                    "error": p.error,
+                }
+
+
+def _new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
