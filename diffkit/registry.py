@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from diffkit import hookspecs
-from diffkit.errors import ComponentLookupError, PluginError
+from diffkit.errors import ComponentLookupError, PluginError, SpecError
 from diffkit.interfaces import BuildContext
 
 __all__ = ["Params", "Component", "Entry", "PluginInfo", "Registry", "KINDS"]
@@ -230,7 +230,11 @@ class Registry:
         if "type" not in config:
             raise ComponentLookupError(f"a {kind} section needs a 'type'; one of: {', '.join(sorted(self.tags(kind)))}")
         entry = self.get(kind, config.pop("type"))
-        params = entry.component.params.model_validate(config)
+        try:
+            params = entry.component.params.model_validate(config)
+        except ValidationError as err:
+            problems = [(".".join(str(p) for p in (kind, *e["loc"])), e["msg"]) for e in err.errors()]
+            raise SpecError(problems) from None
         obj = entry.component.factory(params, ctx)
         spec = {"type": entry.qualified if self.is_duplicate(entry) else entry.name, **params.model_dump(mode="json")}
         try:

@@ -17,7 +17,7 @@ from diffkit.nn import SinusoidalEmbedding
 class MLPParams(Params):
     """A residual MLP with a sinusoidal time embedding added inside every block."""
 
-    hidden: int = Field(256, ge=8, le=65_536, description="Width of the hidden layers.")
+    hidden: int = Field(128, ge=8, le=65_536, description="Width of the hidden layers.")
     depth: int = Field(3, ge=1, le=64, description="Number of residual blocks.")
     time_dim: int = Field(64, ge=4, le=4096, description="Size of the sinusoidal time embedding.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside each block.")

@@ -1,0 +1,269 @@
+"""The ``diffkit`` command line.
+
+Every user error ends as one message on stderr and a non-zero exit status:
+1 for a problem with the input (spec, run directory, files), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffkit.errors import DiffkitError
+from diffkit.plugins import load_plugins, set_registry
+from diffkit.registry import Registry
+
+SAMPLE_FORMATS = (".npy", ".png")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plugins")
+    g.add_argument(
+        "--no-autoload",
+        action="store_true",
+        help="load only the built-in plugins (same as DIFFKIT_DISABLE_PLUGIN_AUTOLOAD=1)",
+    )
+    g.add_argument("--plugin", action="append", default=None, metavar="NAME", help="load this plugin even with --no-autoload")
+    g.add_argument("--block", action="append", default=None, metavar="NAME", help="never load this plugin (repeatable)")
+    g.add_argument("--strict-plugins", action="store_true", help="fail if any plugin fails to load (DIFFKIT_STRICT_PLUGINS=1)")
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    registry = load_plugins(
+        autoload=False if args.no_autoload else None,
+        include=args.plugin,
+        block=args.block,
+        strict=True if args.strict_plugins else None,
+    )
+    set_registry(registry)
+    for p in registry.failed():
+        print(
+            f"diffkit: warning: plugin '{p.name}' ({p.distribution or '?'} {p.version or ''}) failed to load: {p.error}",
+            file=sys.stderr,
+        )
+    return registry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffkit",
+        description="Train and sample diffusion models composed from plugins, declared in a spec file.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffkit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("plugins", help="list installed plugins and their components")
+    p.add_argument("--json", action="store_true", help="print one JSON object per component instead of a table")
+    _common(p)
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("validate", help="check a spec file; print every problem with its field path")
+    p.add_argument("spec", help="spec file (.yaml, .yml, .json or .toml)")
+    _common(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of specs for the installed components")
+    p.add_argument("--out", help="write it to this file instead of stdout")
+    _common(p)
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("train", help="train the pipeline a spec describes and save it to a run directory")
+    p.add_argument("spec", help="spec file (.yaml, .yml, .json or .toml)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override train.device")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p.add_argument("run", help="run directory written by `diffkit train`")
+    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--out", required=True, help="output file: .npy (samples in data coordinates) or .png (picture)")
+    p.add_argument("--seed", type=int, help="seed of the sampler's noise (default: random)")
+    p.add_argument("--sampler", help="use this registered sampler, with its default parameters, instead of the spec's")
+    p.add_argument("--steps", type=int, help="number of reverse steps (default: the sampler's)")
+    p.add_argument("--batch-size", type=int, help="sample in chunks of this size to bound memory")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to sample (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _common(p)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def _version() -> str:
+    from diffkit import __version__
+
+    return __version__
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    rows = list(registry.rows())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["kind", "name", "plugin", "distribution", "version", "status"]
+    table = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)).rstrip())
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"\nplugin '{r['plugin']}' failed: {r.get('error')}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from diffkit.spec import load_spec
+
+    spec = load_spec(args.spec, _registry(args))
+    summary = ", ".join(f"{s}: {getattr(spec, s).type}" for s in ("data", "schedule", "denoiser", "objective", "sampler"))
+    print(f"{args.spec} is valid ({summary})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from diffkit.spec import json_schema
+
+    text = json.dumps(json_schema(_registry(args)), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffkit import plotting
+    from diffkit.pipeline import SPEC_FILE, Pipeline
+
+    registry = _registry(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DiffkitError(f"--out {out} exists and is not a directory")
+    if (out / SPEC_FILE).exists() and not args.force:
+        raise DiffkitError(f"{out} already holds a finished run; choose another --out or pass --force to overwrite it")
+    pipe = Pipeline.from_spec(args.spec, registry)
+    overrides: dict[str, Any] = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.device is not None:
+        overrides["device"] = args.device
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    result = pipe.fit(out=out, progress=not args.no_progress, **_validated_overrides(overrides))
+    pipe.save(out)
+    written = ["spec.yaml", "denoiser.safetensors", "meta.json", "metrics.jsonl"]
+    if result.history:
+        plotting.loss_curve(result.history, out / "loss.png")
+        written.append("loss.png")
+    if pipe.train_config.preview > 0:
+        _preview(pipe, out / "samples.png", pipe.train_config.preview, progress=not args.no_progress)
+        written.append("samples.png")
+    rate = result.steps / result.seconds if result.seconds > 0 else float("inf")
+    print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s ({rate:.1f} steps/s), final loss {result.final_loss:.4f}\n"
+        f"wrote {out}/{{{', '.join(written)}}}"
+    )
+    return 0
+
+
+def _validated_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from diffkit.spec import TrainConfig
+
+    try:
+        TrainConfig.model_validate(overrides)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise DiffkitError(f"--{e['loc'][0]}: {e['msg']}") from None
+    return overrides
+
+
+def _preview(pipe: Any, path: Path, n: int, progress: bool) -> None:
+    samples = pipe.sample(n, seed=pipe.seed, progress=progress)
+    _write_picture(pipe, samples, path)
+
+
+def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
+    from diffkit import plotting
+
+    reference = None
+    try:
+        data = pipe.dataset.tensors()
+        if data is not None:
+            reference = data[0][: samples.shape[0]]
+    except DiffkitError:
+        pass
+    title = f"{pipe.spec.data.type}: {type(pipe.sampler).__name__} samples"
+    plotting.scatter(samples, path, reference=reference, title=title)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from diffkit import checkpoint
+    from diffkit.pipeline import Pipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() not in SAMPLE_FORMATS:
+        raise DiffkitError(f"--out must end in {' or '.join(SAMPLE_FORMATS)}, got '{out.name}'")
+    if args.n < 1:
+        raise DiffkitError(f"--n must be at least 1, got {args.n}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise DiffkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    registry = _registry(args)
+    pipe = Pipeline.load(args.run, registry, device=args.device)
+    start = time.perf_counter()
+    samples = pipe.sample(
+        args.n,
+        seed=args.seed,
+        sampler=args.sampler,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    if out.suffix.lower() == ".npy":
+        array = samples.numpy().astype(np.float32)
+
+        def write(path: Path) -> None:
+            with open(path, "wb") as fh:  # a file object: np.save would append .npy to a path
+                np.save(fh, array, allow_pickle=False)
+
+        checkpoint.atomic_write(out, write)
+    else:
+        _write_picture(pipe, samples, out)
+    print(f"drew {args.n} samples of shape {tuple(samples.shape[1:])} in {seconds:.1f} s; wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DiffkitError as exc:
+        print(f"diffkit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("diffkit: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"diffkit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
