@@ -23,7 +23,7 @@ from diffkit.errors import DiffkitError
 from diffkit.interfaces import BuildContext, Dataset, Objective, Predict, Sampler, Schedule
 from diffkit.plugins import get_registry
 from diffkit.registry import Registry
-from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, load_spec, validate_spec
+from diffkit.spec import SECTIONS, Spec, TrainConfig, data_shape, dump_spec, load_spec, validate_spec
 from diffkit.train import EMA, TrainResult, resolve_device, train
 
 __all__ = ["Pipeline"]
@@ -107,10 +107,7 @@ class Pipeline:
     def _infer_context(self, shape: tuple[int, ...] | None) -> BuildContext:
         kind, num_classes = "points", None
         if shape is None and self._data_config is not None:
-            entry = self.registry.get("data", str(self._data_config.get("type")))
-            if entry.component.data_shape is not None:
-                params = entry.component.params.model_validate({k: v for k, v in self._data_config.items() if k != "type"})
-                shape = entry.component.data_shape(params)
+            shape = data_shape(self._data_config, self.registry)
         if shape is None and (self._dataset is not None or self._data_config is not None):
             ds = self.dataset
             shape, kind, num_classes = ds.sample_shape, ds.kind, ds.num_classes

@@ -36,7 +36,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["Spec", "TrainConfig", "spec_model", "validate_spec", "load_spec", "dump_spec", "json_schema", "SECTIONS"]
+__all__ = ["Spec", "TrainConfig", "spec_model", "validate_spec", "load_spec", "dump_spec", "json_schema", "data_shape", "SECTIONS"]
 
 # spec section -> kind of component; the order is the order sections are written in
 SECTIONS: dict[str, str] = {
@@ -199,6 +199,25 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+def data_shape(data_section: BaseModel | Mapping[str, Any], registry: Registry | None = None) -> tuple[int, ...] | None:
+    """The shape of one sample of a data section, from its parameters alone, if the
+    dataset component can tell without loading (``Component.data_shape``); else None.
+
+    Component checks use it to compare a network with the data, e.g.::
+
+        def check(params, spec):
+            shape = data_shape(spec.data)
+    """
+    registry = registry or get_registry()
+    section = data_section.model_dump() if isinstance(data_section, BaseModel) else dict(data_section)
+    entry = registry.get("data", str(section.get("type")))
+    if entry.component.data_shape is None:
+        return None
+    params = entry.component.params.model_validate({k: v for k, v in section.items() if k != "type"})
+    shape = entry.component.data_shape(params)
+    return None if shape is None else tuple(shape)
 
 
 def _parse(path: Path) -> Any:
