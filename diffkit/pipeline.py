@@ -23,7 +23,7 @@ from diffkit.errors import DiffkitError
 from diffkit.interfaces import BuildContext, Dataset, Objective, Predict, Sampler, Schedule
 from diffkit.plugins import get_registry
 from diffkit.registry import Registry
-from diffkit.spec import SECTIONS, Spec, TrainConfig, data_shape, dump_spec, load_spec, validate_spec
+from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, load_spec, validate_spec
 from diffkit.train import EMA, TrainResult, resolve_device, train
 
 __all__ = ["Pipeline"]
@@ -105,15 +105,14 @@ class Pipeline:
         )
 
     def _infer_context(self, shape: tuple[int, ...] | None) -> BuildContext:
-        kind, num_classes = "points", None
-        if shape is None and self._data_config is not None:
-            shape = data_shape(self._data_config, self.registry)
-        if shape is None and (self._dataset is not None or self._data_config is not None):
-            ds = self.dataset
-            shape, kind, num_classes = ds.sample_shape, ds.kind, ds.num_classes
-        if shape is None:
+        if shape is not None:
+            return BuildContext(sample_shape=tuple(shape), seed=self.seed)
+        if self._dataset is None and self._data_config is None:
             raise DiffkitError("the pipeline needs data (data=...) or the shape of one sample (shape=...)")
-        return BuildContext(sample_shape=tuple(shape), num_classes=num_classes, seed=self.seed, data_kind=kind)
+        ds = self.dataset
+        return BuildContext(
+            sample_shape=tuple(ds.sample_shape), num_classes=ds.num_classes, seed=self.seed, data_kind=ds.kind
+        )
 
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
