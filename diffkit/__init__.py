@@ -17,6 +17,7 @@ from diffkit.interfaces import (
     Predict,
     Sampler,
     Schedule,
+    StepCallback,
     TensorData,
 )
 from diffkit.plugins import get_registry, load_plugins, set_registry
@@ -59,6 +60,7 @@ __all__ = [
     "Sampler",
     "Schedule",
     "SpecError",
+    "StepCallback",
     "TensorData",
     "build",
     "get_registry",

@@ -91,9 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="number of reverse steps (default: the sampler's)")
     p.add_argument("--batch-size", type=int, help="sample in chunks of this size to bound memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to sample (default cpu)")
+    p.add_argument("--trajectory", metavar="FILE.png", help="also draw the reverse process, noise to data, for a few samples")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _common(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("forward", help="draw the forward process q(x_t | x_0) on real data at several t")
+    p.add_argument("source", help="a run directory or a spec file (its data and schedule are used)")
+    p.add_argument("--out", required=True, help="output picture (.png)")
+    p.add_argument("--n", type=int, default=8, help="number of data examples (default 8)")
+    p.add_argument("--frames", type=int, default=8, help="number of timesteps shown, from 0 to T-1 (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples and the noise")
+    _common(p)
+    p.set_defaults(func=cmd_forward)
     return parser
 
 
@@ -198,6 +208,9 @@ def _preview(pipe: Any, path: Path, n: int, progress: bool) -> None:
 def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
     from diffkit import plotting
 
+    if pipe.context.data_kind == "images":
+        plotting.image_grid(samples, path)
+        return
     reference = None
     try:
         data = pipe.dataset.tensors()
@@ -212,10 +225,12 @@ def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from diffkit import checkpoint
+    from diffkit import checkpoint, plotting
     from diffkit.pipeline import Pipeline
 
     out = Path(args.out)
+    if args.trajectory:
+        _check_png(args.trajectory, "--trajectory")
     if out.suffix.lower() not in SAMPLE_FORMATS:
         raise DiffkitError(f"--out must end in {' or '.join(SAMPLE_FORMATS)}, got '{out.name}'")
     if args.n < 1:
@@ -234,6 +249,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
+    if args.trajectory:
+        _check_png(args.trajectory, "--trajectory")
+        # images: a few rows to look at; points: enough of them to see the shape form
+        shown = min(args.n, 8) if pipe.context.data_kind == "images" else min(args.n, 2000)
+        ts, states = pipe.trajectory(n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps)
+        labels = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
+        plotting.frames(states, labels, args.trajectory, title="reverse process: noise → data")
     if out.suffix.lower() == ".npy":
         array = samples.numpy().astype(np.float32)
 
@@ -245,6 +267,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         _write_picture(pipe, samples, out)
     print(f"drew {args.n} samples of shape {tuple(samples.shape[1:])} in {seconds:.1f} s; wrote {out}")
+    return 0
+
+
+def _check_png(path: str | Path, flag: str) -> None:
+    if Path(path).suffix.lower() != ".png":
+        raise DiffkitError(f"{flag} must name a .png file, got '{Path(path).name}'")
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffkit import plotting
+    from diffkit.pipeline import Pipeline
+
+    _check_png(args.out, "--out")
+    if args.n < 1 or args.frames < 2:
+        raise DiffkitError("--n must be at least 1 and --frames at least 2")
+    registry = _registry(args)
+    source = Path(args.source)
+    pipe = Pipeline.load(source, registry) if source.is_dir() else Pipeline.from_spec(source, registry)
+    data = pipe.dataset
+    g = torch.Generator().manual_seed(args.seed)
+    if pipe.context.data_kind == "points":
+        n = min(max(args.n, 2000), len(data))  # a scatter needs many points
+    else:
+        n = min(args.n, len(data))
+    idx = torch.randperm(len(data), generator=g)[:n].tolist()
+    x0 = torch.stack([data[i][0] for i in idx])
+    T = pipe.schedule.T
+    ts = sorted({round(v) for v in torch.linspace(0, T - 1, args.frames).tolist()})
+    states = pipe.forward_process(x0, ts, seed=args.seed)
+    labels = [f"t = {t}" for t in ts]
+    plotting.frames(states, labels, args.out, title="forward process q(x_t | x_0)")
+    print(f"wrote {args.out} ({len(ts)} timesteps of {n} examples)")
     return 0
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "Denoiser",
     "Objective",
     "Predict",
+    "StepCallback",
     "Sampler",
     "Guidance",
     "Dataset",
@@ -42,6 +43,9 @@ __all__ = [
 
 Predict = Callable[[Tensor, Tensor], Tensor]
 """``predict(x_t, t) -> ε̂``: the only view of the model a sampler gets."""
+
+StepCallback = Callable[[int, Tensor], None]
+"""``callback(t, x_t)``: called by a sampler with each state it reaches (t = −1: clean)."""
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 Spacing = Literal["linspace", "leading", "trailing"]
@@ -225,7 +229,9 @@ class Objective(ABC):
 class Sampler(Protocol):
     """The reverse process. It sees only ``predict(x_t, t) -> ε̂`` and the schedule,
     never the network, the objective or guidance; its randomness comes from
-    ``generator``; it returns x_0 of shape ``shape``."""
+    ``generator``; it returns x_0 of shape ``shape``. If given, ``callback(t, x_t)`` is
+    called with the starting state and after every step with the state reached and
+    its timestep, ``t = -1`` standing for the final, clean x_0."""
 
     def __call__(
         self,
@@ -238,6 +244,7 @@ class Sampler(Protocol):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> Tensor: ...
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import diffkit
 from diffkit import checkpoint
 from diffkit.errors import DiffkitError
-from diffkit.interfaces import BuildContext, Dataset, Objective, Predict, Sampler, Schedule
+from diffkit.interfaces import BuildContext, Dataset, Objective, Predict, Sampler, Schedule, StepCallback
 from diffkit.plugins import get_registry
 from diffkit.registry import Registry
 from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, load_spec, validate_spec
@@ -173,13 +173,7 @@ class Pipeline:
                 f" {self.context.sample_shape}"
             )
         device = resolve_device(config.device)
-        if dataset.kind == "points" and self.data_mean is None:
-            tensors = dataset.tensors()
-            if tensors is None:
-                raise DiffkitError("point data must live in memory (Dataset.tensors()) to be standardised")
-            x = tensors[0].double()
-            self.data_mean = x.mean(0).float()
-            self.data_std = x.std(0).clamp_min(1e-8).float()
+        self._fit_normalizer(dataset)
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
@@ -209,11 +203,23 @@ class Pipeline:
         self.denoiser.eval()
         return result
 
+    def _fit_normalizer(self, dataset: Dataset) -> None:
+        """Standardise point data per coordinate, once, from the training set."""
+        if dataset.kind != "points" or self.data_mean is not None:
+            return
+        tensors = dataset.tensors()
+        if tensors is None:
+            raise DiffkitError("point data must live in memory (Dataset.tensors()) to be standardised")
+        x = tensors[0].double()
+        self.data_mean = x.mean(0).float()
+        self.data_std = x.std(0).clamp_min(1e-8).float()
+
     def _normalize(self, x: Tensor) -> Tensor:
         assert self.data_mean is not None and self.data_std is not None
         return (x - self.data_mean.to(x.device)) / self.data_std.to(x.device)
 
-    def _denormalize(self, x: Tensor) -> Tensor:
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Map model-space values back to the data's own coordinates."""
         if self.data_mean is None or self.data_std is None:
             return x
         return x * self.data_std.to(x.device) + self.data_mean.to(x.device)
@@ -242,12 +248,14 @@ class Pipeline:
         *,
         batch_size: int | None = None,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> Tensor:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
         ``sampler`` overrides the pipeline's (a name, a section or an object); ``steps``
         asks for fewer reverse steps; ``batch_size`` bounds memory by sampling in
         chunks. The same ``seed`` and ``batch_size`` give the same samples.
+        ``callback(t, x_t)`` sees every state of every chunk, in model space.
         """
         if n < 1:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
@@ -272,9 +280,37 @@ class Pipeline:
                     steps=steps,
                     device=device,
                     progress=progress,
+                    callback=callback,
                 )
-                chunks.append(self._denormalize(x).cpu())
+                chunks.append(self.denormalize(x).cpu())
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def trajectory(
+        self,
+        n: int = 8,
+        frames: int = 8,
+        seed: int | None = None,
+        sampler: Config | Sampler | None = None,
+        steps: int | None = None,
+    ) -> tuple[list[int], Tensor]:
+        """The reverse process from noise to data: ``frames`` evenly spaced states of
+        ``n`` samples, as ``(timesteps, states [frames, n, ...])`` in data coordinates
+        (timestep −1 is the final sample)."""
+        seen: list[tuple[int, Tensor]] = []
+        self.sample(n, seed=seed, sampler=sampler, steps=steps, callback=lambda t, x: seen.append((t, x.clone())))
+        picks = torch.linspace(0, len(seen) - 1, min(frames, len(seen))).round().long().tolist()
+        return [seen[i][0] for i in picks], torch.stack([self.denormalize(seen[i][1]).cpu() for i in picks])
+
+    def forward_process(self, x0: Tensor, timesteps: list[int], seed: int = 0) -> Tensor:
+        """Draws of q(x_t | x_0) for each of ``timesteps`` from data ``x0`` (in data
+        coordinates), as ``[len(timesteps), N, ...]`` in data coordinates."""
+        g = torch.Generator().manual_seed(seed)
+        if self.context.data_kind == "points" and self.data_mean is None:
+            self._fit_normalizer(self.dataset)
+        z = self._normalize(x0) if self.data_mean is not None else x0
+        noise = torch.randn(z.shape, generator=g)
+        out = [self.schedule.q_sample(z, torch.full((z.shape[0],), t, dtype=torch.long), noise) for t in timesteps]
+        return torch.stack([self.denormalize(x) for x in out])
 
     # -- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import BuildContext, Component, Params, Predict, Schedule, hookimpl
+from diffkit import BuildContext, Component, Params, Predict, Schedule, StepCallback, hookimpl
 
 
 class DDPMParams(Params):
@@ -55,15 +55,18 @@ class DDPM:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> Tensor:
         p = self.params
         ts = schedule.timesteps(steps or p.steps, p.spacing)
         abar = schedule.alphas_cumprod.tolist()
         x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
         n = x.shape[0]
+        if callback is not None:
+            callback(ts[0], x)
         for i, t in enumerate(tqdm(ts, desc="ddpm", disable=not progress, leave=False)):
-            a_t = abar[t]
-            a_s = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
+            s = ts[i + 1] if i + 1 < len(ts) else -1
+            a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
             alpha_ts = a_t / a_s
             beta_ts = 1.0 - alpha_ts
             eps = predict(x, torch.full((n,), t, device=device, dtype=torch.long))
@@ -74,10 +77,12 @@ class DDPM:
                 c0 = math.sqrt(a_s) * beta_ts / (1.0 - a_t)
                 ct = math.sqrt(alpha_ts) * (1.0 - a_s) / (1.0 - a_t)
                 x = torch.add(x0.mul_(c0), x, alpha=ct)
-            if i + 1 < len(ts):
+            if s >= 0:
                 var = beta_ts if p.variance == "beta" else (1.0 - a_s) / (1.0 - a_t) * beta_ts
                 z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
                 x = x.add_(z, alpha=math.sqrt(var))
+            if callback is not None:
+                callback(s, x)
         return x
 
 
