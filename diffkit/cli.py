@@ -7,7 +7,9 @@ Every user error ends as one message on stderr and a non-zero exit status:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ from diffkit.registry import Registry
 SAMPLE_FORMATS = (".npy", ".png")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_plugin_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plugins")
     g.add_argument(
         "--no-autoload",
@@ -33,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strict-plugins", action="store_true", help="fail if any plugin fails to load (DIFFKIT_STRICT_PLUGINS=1)")
 
 
-def _registry(args: argparse.Namespace) -> Registry:
+def load_registry(args: argparse.Namespace) -> Registry:
     registry = load_plugins(
         autoload=False if args.no_autoload else None,
         include=args.plugin,
@@ -59,17 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed plugins and their components")
     p.add_argument("--json", action="store_true", help="print one JSON object per component instead of a table")
-    _common(p)
+    add_plugin_options(p)
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("validate", help="check a spec file; print every problem with its field path")
     p.add_argument("spec", help="spec file (.yaml, .yml, .json or .toml)")
-    _common(p)
+    add_plugin_options(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of specs for the installed components")
     p.add_argument("--out", help="write it to this file instead of stdout")
-    _common(p)
+    add_plugin_options(p)
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("train", help="train the pipeline a spec describes and save it to a run directory")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override train.device")
     p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    _common(p)
+    add_plugin_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to sample (default cpu)")
     p.add_argument("--trajectory", metavar="FILE.png", help="also draw the reverse process, noise to data, for a few samples")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    _common(p)
+    add_plugin_options(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("forward", help="draw the forward process q(x_t | x_0) on real data at several t")
@@ -102,8 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="number of data examples (default 8)")
     p.add_argument("--frames", type=int, default=8, help="number of timesteps shown, from 0 to T-1 (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the noise")
-    _common(p)
+    add_plugin_options(p)
     p.set_defaults(func=cmd_forward)
+
+    import diffkit.commands
+
+    for info in sorted(pkgutil.iter_modules(diffkit.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"diffkit.commands.{info.name}").register(sub)
     return parser
 
 
@@ -115,7 +122,7 @@ def _version() -> str:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_plugins(args: argparse.Namespace) -> int:
-    registry = _registry(args)
+    registry = load_registry(args)
     rows = list(registry.rows())
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -135,7 +142,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from diffkit.spec import load_spec
 
-    spec = load_spec(args.spec, _registry(args))
+    spec = load_spec(args.spec, load_registry(args))
     summary = ", ".join(f"{s}: {getattr(spec, s).type}" for s in ("data", "schedule", "denoiser", "objective", "sampler"))
     print(f"{args.spec} is valid ({summary})")
     return 0
@@ -144,7 +151,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from diffkit.spec import json_schema
 
-    text = json.dumps(json_schema(_registry(args)), indent=2)
+    text = json.dumps(json_schema(load_registry(args)), indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     else:
@@ -156,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffkit import plotting
     from diffkit.pipeline import SPEC_FILE, Pipeline
 
-    registry = _registry(args)
+    registry = load_registry(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DiffkitError(f"--out {out} exists and is not a directory")
@@ -237,7 +244,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DiffkitError(f"--n must be at least 1, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise DiffkitError(f"--batch-size must be at least 1, got {args.batch_size}")
-    registry = _registry(args)
+    registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
     start = time.perf_counter()
     samples = pipe.sample(
@@ -284,7 +291,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
     _check_png(args.out, "--out")
     if args.n < 1 or args.frames < 2:
         raise DiffkitError("--n must be at least 1 and --frames at least 2")
-    registry = _registry(args)
+    registry = load_registry(args)
     source = Path(args.source)
     pipe = Pipeline.load(source, registry) if source.is_dir() else Pipeline.from_spec(source, registry)
     data = pipe.dataset

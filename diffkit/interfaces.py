@@ -44,8 +44,9 @@ __all__ = [
 Predict = Callable[[Tensor, Tensor], Tensor]
 """``predict(x_t, t) -> ε̂``: the only view of the model a sampler gets."""
 
-StepCallback = Callable[[int, Tensor], None]
-"""``callback(t, x_t)``: called by a sampler with each state it reaches (t = −1: clean)."""
+StepCallback = Callable[[int, Tensor], "Tensor | None"]
+"""``callback(t, x_t)``: called by a sampler with each state it reaches (t = −1: clean);
+a returned tensor replaces the state."""
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 Spacing = Literal["linspace", "leading", "trailing"]
@@ -135,14 +136,16 @@ class Schedule:
         c0, ct, var = D.posterior_coefficients(self.alpha_bar(t, x_t), self.alpha_bar(s, x_t))
         return c0 * x0 + ct * x_t, var
 
-    def timesteps(self, steps: int | None = None, spacing: Spacing = "linspace") -> list[int]:
+    def timesteps(self, steps: int | None = None, spacing: Spacing = "linspace", start: int | None = None) -> list[int]:
         """The descending timesteps a sampler visits when it takes ``steps`` ≤ T steps.
 
         ``linspace`` spreads them evenly from T−1 to 0, ``leading`` takes every
         (T // steps)-th step from 0 (Ho et al. 2020's code), and ``trailing`` steps back
-        from T−1 by T / steps (Lin et al. 2024, Table 2). Every sequence starts at or
-        below T−1, is strictly decreasing, and the sampler's last update goes to the
-        clean data (ᾱ = 1).
+        from T−1 by T / steps (Lin et al. 2024, Table 2). Every sequence is strictly
+        decreasing within [0, T−1]; the sampler's last update goes to the clean data
+        (ᾱ = 1). ``start`` begins the walk at that timestep instead (for starting from
+        a partly noised input, as SDEdit does): it is followed by the visited
+        timesteps below it.
         """
         T = self.T
         steps = T if steps is None else int(steps)
@@ -156,7 +159,12 @@ class Schedule:
             ts = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long() - 1
         else:
             raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
-        return ts.tolist()
+        out = ts.tolist()
+        if start is not None:
+            if not 0 <= start <= T - 1:
+                raise ValueError(f"start must be a timestep between 0 and T − 1 = {T - 1}, got {start}")
+            out = [start] + [t for t in out if t < start]
+        return out
 
     def __repr__(self) -> str:
         a = self.alphas_cumprod
@@ -229,9 +237,16 @@ class Objective(ABC):
 class Sampler(Protocol):
     """The reverse process. It sees only ``predict(x_t, t) -> ε̂`` and the schedule,
     never the network, the objective or guidance; its randomness comes from
-    ``generator``; it returns x_0 of shape ``shape``. If given, ``callback(t, x_t)`` is
-    called with the starting state and after every step with the state reached and
-    its timestep, ``t = -1`` standing for the final, clean x_0."""
+    ``generator``; it returns x_0 of shape ``shape``.
+
+    - ``callback(t, x_t)``, if given, is called with the starting state and after
+      every step with the state reached and its timestep (``t = -1``: the final,
+      clean x_0). If it returns a tensor, the sampler continues from that tensor
+      instead (inpainting and ILVR constrain the state this way).
+    - ``x_start`` and ``t_start`` start the reverse process from a given state at a
+      given timestep instead of pure noise at T − 1 (SDEdit); the visited timesteps
+      are ``schedule.timesteps(steps, spacing, start=t_start)``.
+    """
 
     def __call__(
         self,
@@ -245,6 +260,8 @@ class Sampler(Protocol):
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
         callback: StepCallback | None = None,
+        x_start: Tensor | None = None,
+        t_start: int | None = None,
     ) -> Tensor: ...
 
 

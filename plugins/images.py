@@ -111,7 +111,8 @@ class ImageTensors(TensorData):
 def digits_split(labels: np.ndarray) -> np.ndarray:
     """Boolean mask of the held-out 'test' images: within each digit, a permutation by
     ``numpy.random.RandomState(0)`` (whose stream NumPy keeps fixed across versions) puts
-    the first round(20%) in test. 360 of the 1,797 images are held out."""
+    the first round(20%) in test. That holds out 359 of the 1,797 images (35 to 37 per
+    digit) and trains on 1,438."""
     rng = np.random.RandomState(DIGITS_SPLIT_SEED)
     test = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
@@ -164,7 +165,8 @@ CIFAR10 = _Source(
     3,
     32,
     "cifar-10-batches-py",
-    "cifar-10-python.tar.gz unpacked: data_batch_1 to data_batch_5, test_batch, batches.meta",
+    "cifar-10-python.tar.gz unpacked: data_batch_1 to data_batch_5, test_batch, batches.meta;"
+    " torchvision checks their MD5 sums, so altered or partial files count as missing",
 )
 
 
@@ -173,13 +175,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "no message"
 
 
+def _where(root: str) -> str:
+    full = os.path.abspath(root)
+    return f"'{root}'" if full == root else f"'{root}' ({full})"
+
+
 def _missing(source: _Source, root: str, download_error: Exception | None) -> DiffkitError:
     where = os.path.abspath(root)
     tried = ""
     if download_error is not None:
         tried = f" and downloading it failed ({type(download_error).__name__}: {_first_line(download_error)})"
     return DiffkitError(
-        f"{source.title} was not found under root '{root}' ({where}){tried}."
+        f"{source.title} was not found under root {_where(root)}{tried}."
         f" Set download: true on a machine with internet access, or place the files under"
         f" {os.path.join(where, source.folder)} ({source.contents})."
     )
@@ -231,7 +238,7 @@ class ImageFolderData(Dataset):
         root = params.root
         if not os.path.isdir(root):
             raise DiffkitError(
-                f"image folder '{root}' ({os.path.abspath(root)}) does not exist or is not a directory;"
+                f"image folder {_where(root)} does not exist or is not a directory;"
                 " set root to a folder with one subfolder of images per class"
             )
         self.transform = transforms.Compose(
@@ -247,7 +254,7 @@ class ImageFolderData(Dataset):
             self.folder = ImageFolder(root, loader=partial(_open_image, mode="L" if params.channels == 1 else "RGB"))
         except FileNotFoundError as exc:  # no class subfolders, or a class with no images
             raise DiffkitError(
-                f"image folder '{root}' ({os.path.abspath(root)}) has no usable images: {_first_line(exc)}"
+                f"image folder {_where(root)} has no usable images: {_first_line(exc)}"
                 " Put the images in one subfolder per class (root/<class>/<image>.png; a single subfolder"
                 " for unlabelled data)."
             ) from None

@@ -56,14 +56,19 @@ class DDPM:
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
         callback: StepCallback | None = None,
+        x_start: Tensor | None = None,
+        t_start: int | None = None,
     ) -> Tensor:
         p = self.params
-        ts = schedule.timesteps(steps or p.steps, p.spacing)
+        ts = schedule.timesteps(steps or p.steps, p.spacing, start=t_start)
         abar = schedule.alphas_cumprod.tolist()
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if x_start is None:
+            x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        else:
+            x = x_start.to(device=device, dtype=dtype)
         n = x.shape[0]
         if callback is not None:
-            callback(ts[0], x)
+            x = _replace(x, callback(ts[0], x))
         for i, t in enumerate(tqdm(ts, desc="ddpm", disable=not progress, leave=False)):
             s = ts[i + 1] if i + 1 < len(ts) else -1
             a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
@@ -82,8 +87,12 @@ class DDPM:
                 z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
                 x = x.add_(z, alpha=math.sqrt(var))
             if callback is not None:
-                callback(s, x)
+                x = _replace(x, callback(s, x))
         return x
+
+
+def _replace(x: Tensor, new: Tensor | None) -> Tensor:
+    return x if new is None else new
 
 
 @hookimpl
