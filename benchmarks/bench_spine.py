@@ -319,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, T = 100, short training: about a minute")
     ap.add_argument("--only", default="123", help="which sections to run, e.g. '13' (default: all three)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's own choice); 1 is steadier on a shared machine")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     torch.manual_seed(0)
     print(

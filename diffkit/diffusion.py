@@ -39,47 +39,60 @@ def gather(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
     return expand_like(coef.to(device=x.device)[t].to(x.dtype), x)
 
 
+def _roots(alpha_bar_t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(√ᾱ_t, √(1 − ᾱ_t)) computed in ᾱ's own precision (float64 from a Schedule) and
+    only then cast to the data's dtype: 1 − ᾱ_t loses most of its digits in float32
+    when ᾱ_t is close to 1."""
+    return alpha_bar_t.sqrt().to(like.dtype), (1.0 - alpha_bar_t).sqrt().to(like.dtype)
+
+
 def q_sample(x0: Tensor, alpha_bar_t: Tensor, noise: Tensor) -> Tensor:
     """Draw from q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  (Ho et al. 2020, Eq. 4; Bishop 20.6).
 
-    ``alpha_bar_t`` is already broadcast against ``x0`` (see :func:`gather`).
+    ``alpha_bar_t`` is already broadcast against ``x0`` (see :func:`expand_like`).
     """
-    return alpha_bar_t.sqrt() * x0 + (1.0 - alpha_bar_t).sqrt() * noise
+    a, s = _roots(alpha_bar_t, x0)
+    return a * x0 + s * noise
 
 
 def eps_to_x0(eps: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t  (Ho et al. 2020, Eq. 4 solved for x_0)."""
-    return (x_t - (1.0 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    a, s = _roots(alpha_bar_t, x_t)
+    return (x_t - s * eps) / a
 
 
 def x0_to_eps(x0: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """ε̂ = (x_t − √ᾱ_t x̂_0) / √(1−ᾱ_t)  (Ho et al. 2020, Eq. 4 solved for ε)."""
-    return (x_t - alpha_bar_t.sqrt() * x0) / (1.0 - alpha_bar_t).sqrt()
+    a, s = _roots(alpha_bar_t, x_t)
+    return (x_t - a * x0) / s
 
 
 def eps_to_score(eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
-    """∇ log p(x_t) = −ε̂ / σ_t with σ_t = √(1−ᾱ_t)  (Tweedie; Song et al. 2021, Eq. 7 setting)."""
-    return -eps / (1.0 - alpha_bar_t).sqrt()
+    """∇ log p(x_t) = −ε̂ / σ_t with σ_t = √(1−ᾱ_t)  (Tweedie's formula; Song et al. 2021)."""
+    return -eps / _roots(alpha_bar_t, eps)[1]
 
 
 def score_to_eps(score: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """ε̂ = −σ_t · ∇ log p(x_t), the inverse of :func:`eps_to_score`."""
-    return -score * (1.0 - alpha_bar_t).sqrt()
+    return -score * _roots(alpha_bar_t, score)[1]
 
 
 def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """v = √ᾱ_t ε − √(1−ᾱ_t) x_0  (Salimans & Ho 2022, Sec. 4)."""
-    return alpha_bar_t.sqrt() * eps - (1.0 - alpha_bar_t).sqrt() * x0
+    a, s = _roots(alpha_bar_t, x0)
+    return a * eps - s * x0
 
 
 def v_to_eps(v: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """ε̂ = √ᾱ_t v + √(1−ᾱ_t) x_t  (Salimans & Ho 2022, Appendix D)."""
-    return alpha_bar_t.sqrt() * v + (1.0 - alpha_bar_t).sqrt() * x_t
+    a, s = _roots(alpha_bar_t, x_t)
+    return a * v + s * x_t
 
 
 def v_to_x0(v: Tensor, x_t: Tensor, alpha_bar_t: Tensor) -> Tensor:
     """x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v  (Salimans & Ho 2022, Appendix D)."""
-    return alpha_bar_t.sqrt() * x_t - (1.0 - alpha_bar_t).sqrt() * v
+    a, s = _roots(alpha_bar_t, x_t)
+    return a * x_t - s * v
 
 
 def posterior_coefficients(

@@ -117,12 +117,19 @@ class Schedule:
 
     # -- per-sample access ---------------------------------------------------------
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        """ᾱ_t for integer timesteps ``t`` (``-1`` meaning clean data), cast to
-        ``like``'s dtype and device and broadcast against it."""
+        """ᾱ_t for integer timesteps ``t`` (``-1`` meaning clean data) on ``like``'s
+        device, broadcast against ``like``, in float64 (float32 on MPS, which has no
+        float64).
+
+        The functions of :mod:`diffkit.diffusion` form their coefficients from it at
+        this precision and cast them to the data's dtype; to use ᾱ_t in arithmetic of
+        your own, cast it first (``.to(x.dtype)``).
+        """
         key = (like.device, like.dtype)
         table = self._cache.get(key)
         if table is None:
-            table = self._abar_ext.to(device=like.device, dtype=like.dtype)
+            dtype = torch.float32 if like.device.type == "mps" else torch.float64
+            table = self._abar_ext.to(device=like.device, dtype=dtype)
             self._cache[key] = table
         return D.expand_like(table[t + 1], like)
 
@@ -134,7 +141,8 @@ class Schedule:
         """Mean and variance of q(x_s | x_t, x_0), s = t − 1 unless given (Ho et al. 2020, Eq. 6–7)."""
         s = t - 1 if s is None else s
         c0, ct, var = D.posterior_coefficients(self.alpha_bar(t, x_t), self.alpha_bar(s, x_t))
-        return c0 * x0 + ct * x_t, var
+        dtype = x_t.dtype
+        return c0.to(dtype) * x0 + ct.to(dtype) * x_t, var.to(dtype)
 
     def timesteps(self, steps: int | None = None, spacing: Spacing = "linspace", start: int | None = None) -> list[int]:
         """The descending timesteps a sampler visits when it takes ``steps`` ≤ T steps.

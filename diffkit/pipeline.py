@@ -174,6 +174,17 @@ class Pipeline:
             )
         device = resolve_device(config.device)
         self._fit_normalizer(dataset)
+        classes = getattr(self.denoiser, "num_classes", None)
+        if classes and not dataset.num_classes:
+            raise DiffkitError(
+                f"the denoiser is conditional (num_classes = {classes}) but the data has no labels;"
+                " remove denoiser.num_classes or use labelled data"
+            )
+        if classes and dataset.num_classes > classes:
+            raise DiffkitError(
+                f"the data has {dataset.num_classes} classes but denoiser.num_classes is {classes}; set it to"
+                f" {dataset.num_classes}"
+            )
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
@@ -193,7 +204,7 @@ class Pipeline:
             seed=self.seed + self.steps_trained,
             device=device,
             transform=self._normalize if self.data_mean is not None else None,
-            conditional=bool(getattr(online, "num_classes", None)),
+            conditional=bool(classes),
             metrics_path=metrics,
             progress=progress,
             start_step=self.steps_trained,

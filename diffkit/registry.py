@@ -121,12 +121,25 @@ class Registry:
             raise PluginError(f"plugin '{name}' could not be registered: {exc}") from exc
         new: list[Entry] = []
         try:
+            # pluggy accepts a hookimpl with no matching hookspec; a misspelt hook would
+            # then contribute nothing without a word (optionalhook=True opts out).
+            for caller in self.pm.get_hookcallers(plugin) or []:
+                mine = [i for i in caller.get_hookimpls() if i.plugin_name == name and not i.optionalhook]
+                if not caller.has_spec() and mine:
+                    close = difflib.get_close_matches(caller.name, hookspecs.HOOKS.values(), n=1)
+                    hooks = ", ".join(hookspecs.HOOKS.values())
+                    hint = f"; did you mean '{close[0]}'?" if close else f"; the hooks are {hooks}"
+                    raise PluginError(f"plugin '{name}' implements an unknown hook '{caller.name}'{hint}")
             for kind, hook in hookspecs.HOOKS.items():
                 for impl in getattr(self.pm.hook, hook).get_hookimpls():
                     if impl.plugin_name != name:
                         continue
                     records = impl.function()
-                    new += [self._entry(kind, rec, name, distribution, version) for rec in records or []]
+                    for rec in records or []:
+                        entry = self._entry(kind, rec, name, distribution, version)
+                        if any(e.kind == kind and e.name == entry.name for e in new):
+                            raise PluginError(f"plugin '{name}' gives more than one {kind} named '{entry.name}'")
+                        new.append(entry)
         except Exception as exc:
             self.pm.unregister(name=name)
             if isinstance(exc, PluginError):
@@ -229,14 +242,18 @@ class Registry:
         config = dict(config)
         if "type" not in config:
             raise ComponentLookupError(f"a {kind} section needs a 'type'; one of: {', '.join(sorted(self.tags(kind)))}")
-        entry = self.get(kind, config.pop("type"))
+        tag = str(config.pop("type"))
+        entry = self.get(kind, tag)
         try:
             params = entry.component.params.model_validate(config)
         except ValidationError as err:
             problems = [(".".join(str(p) for p in (kind, *e["loc"])), e["msg"]) for e in err.errors()]
             raise SpecError(problems) from None
         obj = entry.component.factory(params, ctx)
-        spec = {"type": entry.qualified if self.is_duplicate(entry) else entry.name, **params.model_dump(mode="json")}
+        # A qualified name stays qualified, so that a spec written back out still picks
+        # this component once another plugin provides one of the same name.
+        qualified = ":" in tag or self.is_duplicate(entry)
+        spec = {"type": entry.qualified if qualified else entry.name, **params.model_dump(mode="json")}
         try:
             obj.__diffkit_spec__ = spec
         except AttributeError:  # objects with __slots__ cannot carry their spec

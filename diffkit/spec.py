@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, create_model
+from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from diffkit.errors import ComponentLookupError, SpecError
@@ -125,11 +128,33 @@ def _section_type(registry: Registry, kind: str) -> Any:
         )
         members.append(model)
     validator = BeforeValidator(_section_validator(registry, kind))
+    # the tags a bare name may use: those of components with no required parameter
+    bare = [
+        tag
+        for tag, e in registry.tags(kind).items()
+        if not any(f.is_required() for f in e.component.params.model_fields.values())
+    ]
+    shorthand = _Shorthand(tuple(sorted(bare, key=lambda s: (":" in s, s))))
     if not members:
         return Annotated[dict, validator]
     if len(members) == 1:
-        return Annotated[members[0], validator]
-    return Annotated[Annotated[Union[tuple(members)], Field(discriminator="type")], validator]
+        return Annotated[members[0], validator, shorthand]
+    return Annotated[Annotated[Union[tuple(members)], Field(discriminator="type")], validator, shorthand]
+
+
+@dataclass(frozen=True)
+class _Shorthand:
+    """Lets the JSON Schema accept what the validator accepts: a bare component name
+    (``sampler: ddpm``) as well as a section, so editors do not flag the short form."""
+
+    tags: tuple[str, ...]
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        section = handler(core_schema)
+        if not self.tags:
+            return section
+        name = {"type": "string", "enum": list(self.tags), "description": "A bare name is short for {type: NAME}."}
+        return {"anyOf": [section, name]}
 
 
 _cache: dict[tuple[int, int], type[Spec]] = {}
@@ -191,14 +216,36 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
     except ValidationError as err:
         raise SpecError(_problems(err, data), source) from None
     problems = []
-    for section, kind in SECTIONS.items():
-        section_model = getattr(spec, section)
-        check = registry.get(kind, section_model.type).component.check
-        if check is not None:
-            problems += [(section, msg) for msg in check(section_model, spec)]
+    token = _validating.set(registry)
+    try:
+        for section, kind in SECTIONS.items():
+            section_model = getattr(spec, section)
+            check = registry.get(kind, section_model.type).component.check
+            if check is not None:
+                problems += [(section, msg) for msg in check(section_model, spec)]
+        # The schedule is cheap to build; building it catches parameters that validate one
+        # by one but give no valid ᾱ (e.g. ᾱ underflowing to 0).
+        try:
+            T: int | None = registry.build("schedule", spec.schedule).T
+        except ValueError as exc:
+            problems.append(("schedule", f"these parameters give no valid schedule: {exc}"))
+            T = None
+        # By convention a sampler's `steps` parameter counts reverse steps, at most T.
+        steps = getattr(spec.sampler, "steps", None)
+        if isinstance(steps, int) and T is not None and steps > T:
+            problems.append(
+                ("sampler.steps", f"{steps} exceeds the schedule's T = {T}; lower it, or leave it null to take all T")
+            )
+    finally:
+        _validating.reset(token)
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+# The registry a spec is being validated against, so that component checks calling
+# data_shape() look the data up where the spec is being validated.
+_validating: ContextVar[Registry | None] = ContextVar("diffkit_validating_registry", default=None)
 
 
 def data_shape(data_section: BaseModel | Mapping[str, Any], registry: Registry | None = None) -> tuple[int, ...] | None:
@@ -210,7 +257,7 @@ def data_shape(data_section: BaseModel | Mapping[str, Any], registry: Registry |
         def check(params, spec):
             shape = data_shape(spec.data)
     """
-    registry = registry or get_registry()
+    registry = registry or _validating.get() or get_registry()
     section = data_section.model_dump() if isinstance(data_section, BaseModel) else dict(data_section)
     entry = registry.get("data", str(section.get("type")))
     if entry.component.data_shape is None:

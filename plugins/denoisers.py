@@ -21,6 +21,13 @@ class MLPParams(Params):
     depth: int = Field(3, ge=1, le=64, description="Number of residual blocks.")
     time_dim: int = Field(64, ge=4, le=4096, description="Size of the sinusoidal time embedding.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside each block.")
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Condition on class labels 0..num_classes−1 (index num_classes is the reserved"
+        " 'no label' of classifier-free guidance); null trains an unconditional network.",
+    )
 
 
 class _Block(nn.Module):
@@ -68,7 +75,7 @@ class MLPDenoiser(nn.Module):
 def mlp(params: MLPParams, ctx: BuildContext) -> MLPDenoiser:
     if not ctx.sample_shape:
         raise ValueError("the mlp denoiser needs the data's sample shape to be known")
-    return MLPDenoiser(ctx.sample_shape, params, ctx.num_classes)
+    return MLPDenoiser(ctx.sample_shape, params, params.num_classes)
 
 
 @hookimpl

@@ -170,9 +170,10 @@ CIFAR10 = _Source(
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The error's message on one line (torchvision's download errors span several)."""
+    text = " ".join(str(exc).split()) or "no message"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _where(root: str) -> str:
@@ -184,7 +185,7 @@ def _missing(source: _Source, root: str, download_error: Exception | None) -> Di
     where = os.path.abspath(root)
     tried = ""
     if download_error is not None:
-        tried = f" and downloading it failed ({type(download_error).__name__}: {_first_line(download_error)})"
+        tried = f" and downloading it failed ({type(download_error).__name__}: {_one_line(download_error)})"
     return DiffkitError(
         f"{source.title} was not found under root {_where(root)}{tried}."
         f" Set download: true on a machine with internet access, or place the files under"
@@ -213,7 +214,7 @@ def _load_torchvision(source: _Source, params: TorchvisionParams, ctx: BuildCont
 def _unreadable(source: _Source, root: str, exc: BaseException) -> DiffkitError:
     return DiffkitError(
         f"the {source.title} files under {os.path.join(os.path.abspath(root), source.folder)} could not be read"
-        f" ({type(exc).__name__}: {_first_line(exc)}); delete them and download them again"
+        f" ({type(exc).__name__}: {_one_line(exc)}); delete them and download them again"
     )
 
 
@@ -254,7 +255,7 @@ class ImageFolderData(Dataset):
             self.folder = ImageFolder(root, loader=partial(_open_image, mode="L" if params.channels == 1 else "RGB"))
         except FileNotFoundError as exc:  # no class subfolders, or a class with no images
             raise DiffkitError(
-                f"image folder {_where(root)} has no usable images: {_first_line(exc)}"
+                f"image folder {_where(root)} has no usable images: {_one_line(exc)}"
                 " Put the images in one subfolder per class (root/<class>/<image>.png; a single subfolder"
                 " for unlabelled data)."
             ) from None

@@ -41,6 +41,13 @@ class UNetParams(Params):
     )
     num_heads: int = Field(4, ge=1, le=256, description="Attention heads; must divide channels.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside each residual block.")
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Condition on class labels 0..num_classes−1 (index num_classes is the reserved"
+        " 'no label' of classifier-free guidance); null trains an unconditional network.",
+    )
     norm_groups: int | None = Field(
         None, ge=1, le=4096, description="GroupNorm groups; must divide channels. null takes the largest divisor of channels up to 32."
     )
@@ -291,7 +298,7 @@ class UNet(nn.Module):
 def unet(params: UNetParams, ctx: BuildContext) -> UNet:
     if not ctx.sample_shape:
         raise ValueError("the unet denoiser needs the data's sample shape (C, H, W) to be known")
-    return UNet(tuple(ctx.sample_shape), params, ctx.num_classes)
+    return UNet(tuple(ctx.sample_shape), params, params.num_classes)
 
 
 @hookimpl
