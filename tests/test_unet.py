@@ -19,7 +19,9 @@ TINY = {"channels": 8, "channel_mult": [1, 2], "num_heads": 2, "dropout": 0.0}
 
 def build(shape: tuple[int, ...], num_classes: int | None = None, **params: object) -> torch.nn.Module:
     config = {"type": "unet", **TINY, **params}
-    return diffkit.get_registry().build("denoiser", config, BuildContext(sample_shape=shape, num_classes=num_classes))
+    if num_classes is not None:
+        config["num_classes"] = num_classes
+    return diffkit.get_registry().build("denoiser", config, BuildContext(sample_shape=shape))
 
 
 def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
