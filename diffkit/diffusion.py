@@ -26,6 +26,7 @@ __all__ = [
     "v_to_eps",
     "v_to_x0",
     "posterior_coefficients",
+    "min_snr_weight",
 ]
 
 
@@ -117,3 +118,24 @@ def posterior_coefficients(
     ct = alpha_ts.sqrt() * (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t)
     var = (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t) * beta_ts
     return c0, ct, var
+
+
+def min_snr_weight(snr: Tensor, gamma: float, target: str) -> Tensor:
+    """Min-SNR-γ loss weight for a network regressing to ``target`` (Hang et al. 2023, Eq. 8–10).
+
+    Clamping the x_0-space weight SNR(t) at γ stops the nearly clean timesteps from
+    dominating training. The same weight on x_0 expressed on the other targets
+    (‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖², ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖²) gives
+
+        ε:   min(SNR, γ) / SNR,     x_0:  min(SNR, γ),     v:  min(SNR, γ) / (SNR + 1).
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
+    clamped = snr.clamp(max=gamma)
+    if target == "eps":
+        return clamped / snr
+    if target == "x0":
+        return clamped
+    if target == "v":
+        return clamped / (snr + 1.0)
+    raise ValueError(f"min-SNR weighting knows the targets 'eps', 'x0' and 'v', not {target!r}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +197,29 @@ class Objective(ABC):
     A subclass says what the network regresses to (:meth:`target`), how its output
     converts to ε̂ (:meth:`to_eps`) and, optionally, a per-timestep weight. The loss,
     and the conversions to x̂_0 and the score, are shared.
+
+    Min-SNR-γ weighting (Hang et al. 2023) is an option of every objective that names
+    its ``parameterization`` (``"eps"``, ``"x0"`` or ``"v"``): pass ``min_snr_gamma``
+    and the base :meth:`weight` returns :func:`diffkit.diffusion.min_snr_weight`.
     """
+
+    parameterization: ClassVar[str | None] = None
+    """What :meth:`target` returns: ``"eps"``, ``"x0"``, ``"v"``, or ``None`` for
+    something else (then min-SNR weighting is unavailable)."""
+
+    min_snr_gamma: float | None = None
+    """γ of min-SNR-γ loss weighting; ``None`` weights every timestep alike."""
+
+    def __init__(self, *, min_snr_gamma: float | None = None) -> None:
+        if min_snr_gamma is not None:
+            if not min_snr_gamma > 0:
+                raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+            if self.parameterization is None:
+                raise ValueError(
+                    f"{type(self).__name__} does not say what its target is (parameterization), so min-SNR"
+                    " weighting cannot be applied to it"
+                )
+        self.min_snr_gamma = min_snr_gamma
 
     @abstractmethod
     def target(self, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
@@ -208,8 +230,16 @@ class Objective(ABC):
         """Convert the network's output to the noise estimate ε̂."""
 
     def weight(self, t: Tensor, schedule: Schedule, like: Tensor) -> Tensor | None:
-        """Per-sample loss weight λ(t) of shape ``[batch]``, or ``None`` for uniform."""
-        return None
+        """Per-sample loss weight λ(t) of shape ``[batch]``, or ``None`` for uniform.
+
+        With ``min_snr_gamma`` set, the min-SNR-γ weight of this objective's target
+        (Hang et al. 2023), tabulated over t in float64 and cast to ``like``'s dtype.
+        """
+        if self.min_snr_gamma is None:
+            return None
+        assert self.parameterization is not None  # checked in __init__
+        table = D.min_snr_weight(schedule.snr, self.min_snr_gamma, self.parameterization)
+        return table.to(like.dtype).to(t.device)[t]
 
     def loss(
         self,

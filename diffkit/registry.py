@@ -249,7 +249,10 @@ class Registry:
         except ValidationError as err:
             problems = [(".".join(str(p) for p in (kind, *e["loc"])), e["msg"]) for e in err.errors()]
             raise SpecError(problems) from None
-        obj = entry.component.factory(params, ctx)
+        try:
+            obj = entry.component.factory(params, ctx)
+        except ValueError as exc:  # factories raise ValueError for parameters that cannot work
+            raise SpecError([(kind, str(exc))]) from None
         # A qualified name stays qualified, so that a spec written back out still picks
         # this component once another plugin provides one of the same name.
         qualified = ":" in tag or self.is_duplicate(entry)

@@ -227,8 +227,8 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
         # by one but give no valid ᾱ (e.g. ᾱ underflowing to 0).
         try:
             T: int | None = registry.build("schedule", spec.schedule).T
-        except ValueError as exc:
-            problems.append(("schedule", f"these parameters give no valid schedule: {exc}"))
+        except SpecError as exc:
+            problems.append(("schedule", f"these parameters give no valid schedule: {exc.problems[0][1]}"))
             T = None
         # By convention a sampler's `steps` parameter counts reverse steps, at most T.
         steps = getattr(spec.sampler, "steps", None)

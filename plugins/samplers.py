@@ -60,7 +60,7 @@ class DDPM:
         t_start: int | None = None,
     ) -> Tensor:
         p = self.params
-        ts = schedule.timesteps(steps or p.steps, p.spacing, start=t_start)
+        ts = schedule.timesteps(p.steps if steps is None else steps, p.spacing, start=t_start)
         abar = schedule.alphas_cumprod.tolist()
         if x_start is None:
             x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)

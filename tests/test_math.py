@@ -37,7 +37,7 @@ def build_schedule(**config) -> Schedule:
 # float64 can hold ᾱ only while Σ_t −log(1 − β_t) < ~708 (below that it underflows to
 # 0) and only while β_t ≫ 2⁻⁵³ (else 1 − β_t rounds to 1 and ᾱ is not strictly
 # decreasing). The strategies stay inside that numerically representable region; what
-# happens outside it is test_schedule_spec_that_validates_builds below.
+# happens outside it is the subject of the spec tests at the end.
 @st.composite
 def linear_params(draw) -> dict:
     T = draw(st.integers(2, 2000))
@@ -217,22 +217,30 @@ def test_posterior_equals_gaussian_conditioning(params, data):
         assert (var[clean] == 0).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: Schedule.posterior/q_sample cast ᾱ to the data's dtype before forming 1 − ᾱ and "
-    "ᾱ_t/ᾱ_s, so float32 data get coefficients with ~1e-4 relative error instead of float64 ones",
-)
 def test_posterior_coefficients_are_float64_even_for_float32_data():
-    """The Schedule promises that its derived quantities are computed in float64; the
-    result for float32 data should be the float64 result rounded to float32."""
+    """Coefficients are formed from float64 ᾱ and only then cast: for float32 data the
+    result is the float64 result up to float32 rounding (a few ulp), not the ~1e-4
+    relative error of forming 1 − ᾱ_t or ᾱ_t/ᾱ_s in float32 when ᾱ is close to 1."""
     sch = build_schedule(type="linear", timesteps=1000)
     g = torch.Generator().manual_seed(0)
-    x0, x_t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
-    t = torch.tensor([1, 2, 10, 999])
+    x0, x_t, eps = (torch.randn(4, 3, generator=g) for _ in range(3))
+    t = torch.tensor([0, 1, 10, 999])
     mean32, var32 = sch.posterior(x0, x_t, t)
     mean64, var64 = sch.posterior(x0.double(), x_t.double(), t)
+    assert mean32.dtype == var32.dtype == torch.float32
     torch.testing.assert_close(var32, var64.float(), rtol=2e-6, atol=0)
     torch.testing.assert_close(mean32, mean64.float(), rtol=2e-6, atol=1e-6)
+    # q_sample's two terms separately (together the small noise term of t = 0 would
+    # hide under the rounding of the data term)
+    zeros = torch.zeros_like(x0)
+    for data, noise in ((x0, zeros), (zeros, eps)):
+        q32, q64 = sch.q_sample(data, t, noise), sch.q_sample(data.double(), t, noise.double())
+        assert q32.dtype == torch.float32
+        torch.testing.assert_close(q32, q64.float(), rtol=2e-6, atol=1e-30)
+    a = sch.alpha_bar(t, x_t)
+    score32 = D.eps_to_score(eps, a)
+    assert score32.dtype == torch.float32
+    torch.testing.assert_close(score32, D.eps_to_score(eps.double(), a).float(), rtol=2e-6, atol=0)
 
 
 # -- conversions between ε, x_0, score and v -----------------------------------------
@@ -350,6 +358,47 @@ def test_timesteps_properties(T, data):
         sch.timesteps(data.draw(st.integers(-5, 0), label="nonpositive"))
 
 
+@SETTINGS
+@given(st.integers(2, 3000), st.data())
+def test_timesteps_from_a_start(T, data):
+    """``start`` begins the walk at that timestep, then follows the visited timesteps
+    below it (for samplers that start from a partly noised input)."""
+    sch = Schedule(torch.linspace(0.999, 1e-3, T, dtype=F64))
+    steps = data.draw(st.integers(1, T), label="steps")
+    start = data.draw(st.integers(0, T - 1), label="start")
+    for spacing in TIMESTEP_SPACINGS:
+        full = sch.timesteps(steps, spacing)
+        ts = sch.timesteps(steps, spacing, start=start)
+        assert ts == [start] + [t for t in full if t < start]
+        assert all(a > b for a, b in zip(ts, ts[1:]))
+    with pytest.raises(ValueError, match="start"):
+        sch.timesteps(steps, start=T + data.draw(st.integers(0, 5), label="past the end"))
+    with pytest.raises(ValueError, match="start"):
+        sch.timesteps(steps, start=-1 - data.draw(st.integers(0, 5), label="negative"))
+
+
+@pytest.mark.parametrize(
+    "T, steps, spacing, expected",
+    [
+        # Lin et al. 2024, Table 2 (T = 1000, 10 steps), shifted from 1-based to 0-based
+        (1000, 10, "linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+        (1000, 10, "leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
+        (1000, 10, "trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+        # non-integer T/steps: trailing rounds T − i·T/steps to the nearest integer
+        # (as diffusers' `trailing` does): 1000, 666.7, 333.3 -> 999, 666, 332
+        (1000, 3, "trailing", [999, 666, 332]),
+        (1000, 3, "linspace", [999, 500, 0]),
+        (1000, 3, "leading", [666, 333, 0]),
+        (10, 4, "linspace", [9, 6, 3, 0]),
+        (10, 4, "leading", [6, 4, 2, 0]),
+        (10, 4, "trailing", [9, 7, 4, 1]),  # 10, 7.5, 5, 2.5 -> round half to even: 10, 8, 5, 2
+    ],
+)
+def test_timesteps_reference_values(T, steps, spacing, expected):
+    sch = Schedule(torch.linspace(0.999, 1e-3, T, dtype=F64))
+    assert sch.timesteps(steps, spacing) == expected
+
+
 def test_timesteps_rejects_unknown_spacing():
     sch = build_schedule(type="linear", timesteps=10)
     with pytest.raises(ValueError, match="unknown timestep spacing"):
@@ -391,11 +440,6 @@ def test_invalid_schedule_parameters_are_spec_errors(schedule, words):
         REGISTRY.build("schedule", schedule)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: LinearParams/CosineParams accept parameters for which ᾱ underflows to 0 or "
-    "1 − β rounds to 1, so a spec that validates fails later in Schedule() with a bare ValueError",
-)
 @pytest.mark.parametrize(
     "schedule",
     [
@@ -405,11 +449,28 @@ def test_invalid_schedule_parameters_are_spec_errors(schedule, words):
     ],
 )
 def test_schedule_spec_that_validates_builds(schedule):
-    """Either the spec is rejected with a SpecError naming the schedule, or it builds."""
+    """Parameters valid one by one but giving no representable ᾱ are a SpecError
+    naming the schedule at validation, not a bare ValueError when the run builds."""
+    with pytest.raises(SpecError) as info:
+        validate_spec(spec_with(schedule))
+    assert [path for path, _ in info.value.problems] == ["schedule"]
+
+
+@SETTINGS
+@given(
+    st.integers(2, 2000),
+    st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+    st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
+)
+def test_every_linear_spec_either_builds_or_is_a_spec_error(T, b0, b1):
+    """Over the whole parameter domain 0 < β_start ≤ β_end < 1: a spec that validates
+    builds a valid Schedule; one that does not is a SpecError naming the schedule."""
+    b0, b1 = min(b0, b1), max(b0, b1)
+    schedule = {"type": "linear", "timesteps": T, "beta_start": b0, "beta_end": b1}
     try:
         validate_spec(spec_with(schedule))
     except SpecError as err:
-        assert "schedule" in str(err)
+        assert [path for path, _ in err.problems] == ["schedule"], err.problems
         return
     sch = REGISTRY.build("schedule", schedule)
-    assert isinstance(sch, Schedule)
+    assert sch.T == T and (sch.alphas_cumprod[1:] < sch.alphas_cumprod[:-1]).all()

@@ -56,7 +56,7 @@ def draw(oracle, schedule, sampler, shape, seed, *, steps=None, dtype=torch.floa
         )
 
 
-def ddpm_law(oracle: GaussianData, schedule, *, steps=None, spacing="linspace", variance="posterior"):
+def ddpm_law(oracle: GaussianData, schedule, *, steps=None, spacing="linspace", variance="posterior", t_start=None):
     """Exact mean and covariance of DDPM's output when ε̂ is the Gaussian oracle.
 
     In the eigenbasis Σ = U diag(λ) Uᵀ write u = Uᵀx, m = Uᵀμ. For a step t → s
@@ -70,13 +70,19 @@ def ddpm_law(oracle: GaussianData, schedule, *, steps=None, spacing="linspace", 
     and σ² = β (variance 'beta') or (1 − ᾱ_s)/(1 − ᾱ_t) β ('posterior'), none on the
     last step. From u ~ N(0, I) the mean and variance follow M ← A M + b and
     V ← A² V + σ², coordinates staying independent. Returns (U M, U diag(V) Uᵀ).
+
+    With ``t_start`` the chain starts instead from the exact marginal of x_{t_start},
+    N(√ᾱ μ, ᾱΣ + (1 − ᾱ) I), i.e. M = √ᾱ m, V = ᾱλ + 1 − ᾱ.
     """
     lam, U = oracle.eigvals, oracle.eigvecs
     m = U.T @ oracle.mean
-    ts = schedule.timesteps(steps, spacing)
+    ts = schedule.timesteps(steps, spacing, start=t_start)
     abar = schedule.alphas_cumprod.tolist()
     M = torch.zeros_like(m)
     V = torch.ones_like(m)
+    if t_start is not None:
+        a0 = abar[t_start]
+        M, V = math.sqrt(a0) * m, a0 * lam + 1 - a0
     for i, t in enumerate(ts):
         a_t = abar[t]
         a_s = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
@@ -224,6 +230,27 @@ def test_ddpm_respaced_other_spacings(spacing):
     assert_recovers(x, oracle, law, RESPACED_BUDGET["beta"])
 
 
+@pytest.mark.parametrize("steps", [None, 100])
+def test_ddpm_from_a_partly_noised_start(steps):
+    """x_start ~ q(x_t | x_0) with x_0 from the data, t_start = 400: the chain from there
+    recovers the data (the start is the exact marginal, so only discretisation remains),
+    and the given x_start is left untouched."""
+    sch = make_schedule()
+    oracle = GaussianData(MEAN, COV)
+    g = torch.Generator().manual_seed(13)
+    t0 = 400
+    x0 = oracle.sample(N, g)
+    x_start = sch.q_sample(x0, torch.full((N,), t0), torch.randn(x0.shape, generator=g))
+    kept = x_start.clone()
+    with torch.inference_mode():
+        x = make_sampler(variance="beta")(
+            oracle.predict(sch), sch, (N, 2), generator=g, steps=steps, x_start=x_start, t_start=t0
+        )
+    assert torch.equal(x_start, kept)
+    law = ddpm_law(oracle, sch, steps=steps, variance="beta", t_start=t0)
+    assert_recovers(x, oracle, law, FULL_BUDGET if steps is None else RESPACED_BUDGET["beta"])
+
+
 def test_ddpm_is_deterministic_given_the_generator():
     sch = make_schedule()
     oracle = GaussianData(MEAN, COV)
@@ -255,15 +282,17 @@ def test_ddpm_image_shaped_gaussian(dtype):
     assert oracle.sample(3, g).shape == (3, 1, 4, 4)
 
 
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
 @pytest.mark.parametrize("steps, spacing", [(None, "linspace"), (20, "trailing"), (20, "leading")])
-def test_clip_denoised_bounds_the_output(steps, spacing):
+def test_clip_denoised_bounds_the_output(steps, spacing, variance):
     """With clip_denoised = c the last step returns the clipped x̂_0 itself (ᾱ_s = 1 makes
     the posterior mean's coefficient of x_t zero and no noise is added), so every value
     lies in [−c, c], even for data that mostly lies outside."""
     c = 0.5
     sch = make_schedule()
     oracle = GaussianData(torch.tensor([2.0, -2.0], dtype=F64), 0.5 * torch.eye(2, dtype=F64))
-    x = draw(oracle, sch, make_sampler(clip_denoised=c, steps=steps, spacing=spacing), (2000, 2), seed=7)
+    smp = make_sampler(clip_denoised=c, steps=steps, spacing=spacing, variance=variance)
+    x = draw(oracle, sch, smp, (2000, 2), seed=7)
     assert x.abs().max() <= c
     # the data sit at (2, −2) with sd 0.7, so clipping is active: some samples end
     # exactly on the bound, and on the side of the data's mean
