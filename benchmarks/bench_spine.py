@@ -14,6 +14,9 @@
 Contenders are always timed alternately in one process (the order flips every round,
 A B / B A / ...), and medians are reported: the machine this was written on has two
 shared CPU cores, so single timings mean little and only ratios are worth quoting.
+torch runs one intra-op thread unless ``--threads`` says otherwise (0: torch's choice):
+both contenders of every comparison run the same network on the same threads, so the
+ratios do not depend on it, and one thread does not stall when a neighbour takes a core.
 See benchmarks/README.md for the results of a full run.
 """
 
@@ -63,7 +66,7 @@ FULL = dict(
     rounds_train=7,
     quality_T=None,  # None: the spec's own (1000)
     quality_steps=None,  # None: the spec's own (3000)
-    quality_refs=5,
+    quality_refs=9,
 )
 QUICK = dict(
     T=100,
@@ -75,7 +78,7 @@ QUICK = dict(
     rounds_train=3,
     quality_T=100,
     quality_steps=600,
-    quality_refs=3,
+    quality_refs=5,
 )
 
 
@@ -319,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, T = 100, short training: about a minute")
     ap.add_argument("--only", default="123", help="which sections to run, e.g. '13' (default: all three)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's own choice); 1 is steadier on a shared machine")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1; 0 keeps torch's own choice). On a shared machine two threads"
+        " stall whenever another process holds a core, which made single timings 3-20x slower and erratic",
+    )
     args = ap.parse_args(argv)
-    if args.threads is not None:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ class UNetParams(Params):
     label) embedding, downsampling and upsampling paths joined by skip connections, and
     multi-head self-attention at chosen resolutions."""
 
-    channels: int = Field(32, ge=4, le=4096, description="Channels of the first level; level i has channels × channel_mult[i].")
+    channels: int = Field(16, ge=4, le=4096, description="Channels of the first level; level i has channels × channel_mult[i].")
     channel_mult: tuple[_Positive, ...] = Field(
         (1, 2),
         min_length=1,

@@ -1,0 +1,425 @@
+"""What a trained diffusion model can do besides sampling: inpainting, denoising
+(image-to-image, SDEdit) and super-resolution (ILVR).
+
+Each is a function of a :class:`~diffkit.pipeline.Pipeline` and works with every
+sampler, because each touches the reverse process only through the sampler protocol:
+
+- ``callback(t, x_t)`` replaces each state the sampler reaches (inpainting pastes the
+  forward-noised known pixels in; ILVR swaps the state's low frequencies for the
+  reference's);
+- ``x_start`` and ``t_start`` start the reverse process from a partly noised input
+  (SDEdit).
+
+Inputs and outputs are in the data's own coordinates (images in [−1, 1]); the work is
+done in model space, where the pipeline standardises point data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffkit import diffusion as D
+from diffkit.errors import DiffkitError
+from diffkit.interfaces import Sampler, StepCallback
+
+__all__ = [
+    "inpaint",
+    "denoise",
+    "sdedit",
+    "upscale",
+    "ilvr",
+    "strength_to_timestep",
+    "check_strength",
+    "masked_view",
+    "low_pass",
+    "read_input",
+    "read_mask",
+    "write_output",
+]
+
+SamplerChoice = str | Mapping[str, Any] | Sampler | None
+
+
+# -- shared plumbing -------------------------------------------------------------------------
+def _sampler(pipe: Any, sampler: SamplerChoice) -> Sampler:
+    if sampler is None:
+        return pipe.sampler
+    if isinstance(sampler, (str, Mapping)):
+        return pipe.registry.build("sampler", sampler, pipe.context)
+    return sampler
+
+
+def _batch(pipe: Any, x: Tensor | Any, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    """``x`` as a float tensor ``[N, *shape]`` (one sample of ``shape`` gains a batch axis)."""
+    shape = tuple(pipe.context.sample_shape) if shape is None else shape
+    x = torch.as_tensor(x).float()
+    if tuple(x.shape) == shape:
+        x = x.unsqueeze(0)
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
+        raise DiffkitError(
+            f"{name} must have shape [N, {', '.join(map(str, shape))}] (or one sample of shape {list(shape)}) for this"
+            f" model, got {list(x.shape)}"
+        )
+    if not torch.isfinite(x).all():
+        raise DiffkitError(f"{name} holds NaN or infinite values")
+    return x
+
+
+def _to_model(pipe: Any, x: Tensor) -> Tensor:
+    # Point data are standardised by the pipeline; images are modelled as they are.
+    return pipe._normalize(x) if pipe.data_mean is not None else x
+
+
+def _generator(pipe: Any, seed: int | None) -> torch.Generator:
+    g = torch.Generator(device=pipe.device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _check_steps(pipe: Any, steps: int | None) -> None:
+    if steps is not None and not 1 <= steps <= pipe.schedule.T:
+        raise DiffkitError(f"steps must be between 1 and the schedule's T = {pipe.schedule.T}, got {steps}")
+
+
+def _chunks(n: int, batch_size: int | None) -> list[slice]:
+    if batch_size is not None and batch_size < 1:
+        raise DiffkitError(f"batch_size must be at least 1, got {batch_size}")
+    size = batch_size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _run(
+    pipe: Any,
+    chosen: Sampler,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    steps: int | None,
+    progress: bool,
+    callback: StepCallback | None = None,
+    x_start: Tensor | None = None,
+    t_start: int | None = None,
+) -> Tensor:
+    return chosen(
+        pipe.predictor(),
+        pipe.schedule,
+        shape,
+        generator=generator,
+        steps=steps,
+        device=pipe.device,
+        progress=progress,
+        callback=callback,
+        x_start=x_start,
+        t_start=t_start,
+    )
+
+
+def _noised(pipe: Any, x0: Tensor, t: int, generator: torch.Generator) -> Tensor:
+    """A draw of q(x_t | x_0) (x_0 itself for t = −1)."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return pipe.schedule.q_sample(x0, torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long), noise)
+
+
+class _Reached(Exception):
+    """Stops a sampler after its first step (see :func:`_one_step`)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+
+def _one_step(
+    pipe: Any, chosen: Sampler, x_t: Tensor, t: int, steps: int | None, generator: torch.Generator
+) -> Tensor:
+    """One reverse step of ``chosen`` from x_t at timestep t, to the next timestep s the
+    sampler visits with these ``steps``: the sampler is started at (x_t, t) and stopped
+    by its callback at the first state it reaches, x_s, which is returned."""
+
+    def stop(s: int, x: Tensor) -> None:
+        if s < t:
+            raise _Reached(x)
+
+    try:
+        _run(pipe, chosen, tuple(x_t.shape), generator, steps, False, stop, x_start=x_t, t_start=t)
+    except _Reached as reached:
+        return reached.x
+    raise DiffkitError(f"the sampler {type(chosen).__name__} never reported a state after t = {t} to its callback")
+
+
+# -- inpainting ------------------------------------------------------------------------------
+def inpaint(
+    pipe: Any,
+    x: Tensor,
+    mask: Tensor,
+    *,
+    sampler: SamplerChoice = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    resample: int = 1,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Fill in the unknown part of ``x`` (``mask`` = 0) consistently with the known part
+    (``mask`` = 1), which is returned exactly as given.
+
+    At every state x_t the sampler reaches, the known entries are replaced by a fresh
+    draw of q(x_t | x_0) of the known data (Song et al. 2021, Sec. 5 and App. I.2;
+    Lugmayr et al. 2022, Eq. 8). With ``resample`` = r > 1, each step t → s is done r
+    times: after each but the last, the merged x_s is noised back to t by the forward
+    kernel q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 − ᾱ_t/ᾱ_s) I) and the step is taken
+    again, which lets the generated part agree with the known part (RePaint with jump
+    length 1; Lugmayr et al. 2022, Alg. 1). It costs r network evaluations per step.
+
+    ``x``: ``[N, *sample_shape]`` in data coordinates (the unknown entries' values are
+    ignored); ``mask``: of ``x``'s shape or broadcastable to it (e.g. ``[1, H, W]`` for
+    every channel of every image), values 0 or 1.
+    """
+    _check_steps(pipe, steps)
+    if int(resample) != resample or resample < 1:
+        raise DiffkitError(f"resample must be a whole number of at least 1, got {resample}")
+    x = _batch(pipe, x, "the input")
+    mask = torch.as_tensor(mask)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise DiffkitError("the mask must hold only 0 (generate) and 1 (known)")
+    try:
+        known = torch.broadcast_to(mask.bool(), x.shape)
+    except RuntimeError:
+        raise DiffkitError(
+            f"the mask's shape {list(mask.shape)} does not broadcast to the input's shape {list(x.shape)}"
+        ) from None
+    chosen = _sampler(pipe, sampler)
+    generator = _generator(pipe, seed)
+    device = pipe.device
+    out = []
+    pipe.denoiser.eval()
+    with torch.inference_mode():
+        for part in _chunks(x.shape[0], batch_size):
+            x0 = _to_model(pipe, x[part].to(device))
+            m = known[part].to(device)
+            previous: int | None = None  # the timestep of the last state seen
+
+            def merge(t: int, x_t: Tensor) -> Tensor:
+                return torch.where(m, _noised(pipe, x0, t, generator), x_t)
+
+            def constrain(s: int, x_s: Tensor) -> Tensor:
+                nonlocal previous
+                x_s = merge(s, x_s)
+                t = previous
+                if t is not None and t > s:  # a step t → s was taken: redo it resample − 1 times
+                    for _ in range(int(resample) - 1):
+                        n = x_s.shape[0]
+                        a_t = pipe.schedule.alpha_bar(torch.full((n,), t, device=device), x_s)
+                        a_s = pipe.schedule.alpha_bar(torch.full((n,), s, device=device), x_s)
+                        noise = torch.randn(x_s.shape, generator=generator, device=device, dtype=x_s.dtype)
+                        x_t = D.q_sample(x_s, a_t / a_s, noise)  # q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 − ᾱ_t/ᾱ_s) I)
+                        x_s = merge(s, _one_step(pipe, chosen, x_t, t, steps, generator))
+                previous = s
+                return x_s
+
+            result = _run(pipe, chosen, tuple(x0.shape), generator, steps, progress, constrain)
+            out.append(pipe.denormalize(result).cpu())
+    # the known entries exactly as given, untouched by standardisation round trips
+    return torch.where(known, x, torch.cat(out))
+
+
+# -- denoising / image-to-image (SDEdit) -----------------------------------------------------
+def strength_to_timestep(strength: float, T: int) -> int:
+    """The timestep SDEdit starts from: t₀ = round(strength · T) − 1, at least 0
+    (strength 1 starts from nearly pure noise at T − 1)."""
+    check_strength(strength)
+    return max(0, round(strength * T) - 1)
+
+
+def check_strength(strength: float) -> None:
+    """SDEdit's strength must lie in (0, 1]."""
+    if not 0 < strength <= 1:  # also false for NaN
+        raise DiffkitError(f"strength must lie in (0, 1], got {strength}")
+
+
+def denoise(
+    pipe: Any,
+    x: Tensor,
+    strength: float,
+    *,
+    sampler: SamplerChoice = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """SDEdit (Meng et al. 2022, Alg. 1): noise the input to x_{t₀} ~ q(x_{t₀} | x)
+    with t₀ = :func:`strength_to_timestep` and run the reverse process from there.
+
+    A small strength keeps the input's content and removes fine noise; a large one keeps
+    only its coarse layout and makes a new sample of the data (image-to-image). The
+    sampler visits t₀ and then those of its ``steps`` timesteps below t₀, so a strength
+    of ½ costs about half of ``steps`` network evaluations.
+    """
+    _check_steps(pipe, steps)
+    x = _batch(pipe, x, "the input")
+    t0 = strength_to_timestep(strength, pipe.schedule.T)
+    chosen = _sampler(pipe, sampler)
+    generator = _generator(pipe, seed)
+    out = []
+    pipe.denoiser.eval()
+    with torch.inference_mode():
+        for part in _chunks(x.shape[0], batch_size):
+            x0 = _to_model(pipe, x[part].to(pipe.device))
+            x_start = _noised(pipe, x0, t0, generator)
+            result = _run(pipe, chosen, tuple(x0.shape), generator, steps, progress, x_start=x_start, t_start=t0)
+            out.append(pipe.denormalize(result).cpu())
+    return torch.cat(out)
+
+
+sdedit = denoise
+
+
+# -- super-resolution (ILVR) -----------------------------------------------------------------
+def low_pass(x: Tensor, factor: int) -> Tensor:
+    """φ_N(x): average each factor × factor block, then repeat it back to full size. It is
+    a projection (φ∘φ = φ), so matching φ of the state to φ of the reference makes the
+    state's block averages equal the reference's exactly."""
+    return F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
+
+
+def upscale(
+    pipe: Any,
+    low: Tensor,
+    *,
+    factor: int | None = None,
+    sampler: SamplerChoice = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """ILVR (Choi et al. 2021, Alg. 1): an image of the model's size whose downsampling
+    (the mean of each factor × factor block) equals ``low``.
+
+    After every step the state's low frequencies are swapped for those of the reference
+    noised to the same timestep, x_s ← x_s − φ(x_s) + φ(y_s) with y_s ~ q(y_s | up(low)),
+    where φ = :func:`low_pass` and up repeats each pixel; at the end y = up(low) exactly.
+    ``low``: ``[N, C, H/f, W/f]`` images in [−1, 1]; ``factor`` f is inferred from the
+    shapes when not given.
+    """
+    _check_steps(pipe, steps)
+    shape = tuple(pipe.context.sample_shape)
+    if pipe.context.data_kind != "images" or len(shape) != 3:
+        raise DiffkitError("upscale needs a model of images (C, H, W); this one models points")
+    C, H, W = shape
+    low = torch.as_tensor(low).float()
+    if low.ndim == 3:
+        low = low.unsqueeze(0)
+    if low.ndim != 4 or low.shape[1] != C:
+        raise DiffkitError(f"the low-resolution input must have shape [N, {C}, h, w], got {list(low.shape)}")
+    h, w = low.shape[2:]
+    if factor is None:
+        factor = H // h if h > 0 else 0
+    if factor < 1 or h * factor != H or w * factor != W:
+        raise DiffkitError(
+            f"the low-resolution input is {h}×{w}; it must be the model's {H}×{W} divided by a whole factor"
+            + (f" (factor {factor} gives {H // factor}×{W // factor})" if factor >= 1 else "")
+        )
+    low = _batch(pipe, low, "the low-resolution input", (C, h, w))
+    chosen = _sampler(pipe, sampler)
+    generator = _generator(pipe, seed)
+    out = []
+    pipe.denoiser.eval()
+    with torch.inference_mode():
+        for part in _chunks(low.shape[0], batch_size):
+            reference = F.interpolate(_to_model(pipe, low[part].to(pipe.device)), scale_factor=factor, mode="nearest")
+
+            def refine(t: int, x_t: Tensor) -> Tensor:
+                y_t = _noised(pipe, reference, t, generator)
+                return x_t - low_pass(x_t, factor) + low_pass(y_t, factor)
+
+            result = _run(pipe, chosen, (reference.shape[0], *shape), generator, steps, progress, refine)
+            out.append(pipe.denormalize(result).cpu())
+    return torch.cat(out)
+
+
+ilvr = upscale
+
+
+def masked_view(x: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
+    """``x`` with its unknown entries (mask 0) set to ``fill`` (mid-grey for images), to
+    show what an inpainting started from."""
+    return torch.where(torch.as_tensor(mask).bool(), torch.as_tensor(x).float(), fill)
+
+
+# -- files (for the command line) ------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OUTPUT_SUFFIXES = (".npy", ".png")
+
+
+def read_input(path: str | Path, channels: int | None = None) -> Tensor:
+    """An ``.npy`` array (values in data coordinates, as they are), or one image file
+    converted to ``[1, C, H, W]`` in [−1, 1] (grey for ``channels`` = 1, else RGB)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DiffkitError(f"{path} does not exist or is not a file")
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise DiffkitError(f"{path} is not a readable .npy array ({exc})") from None
+        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+            raise DiffkitError(f"{path} holds {array.dtype} values; it must hold numbers")
+        return torch.from_numpy(np.asarray(array, dtype=np.float32))
+    if suffix in IMAGE_SUFFIXES:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DiffkitError(f"{path} is not a readable image ({exc})") from None
+        x = torch.from_numpy(pixels)
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        return (x / 127.5 - 1.0).unsqueeze(0)
+    raise DiffkitError(f"{path.name}: give an .npy array or an image ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def read_mask(path: str | Path, channels: int | None = None) -> Tensor:
+    """A mask from an ``.npy`` array of 0/1 (kept as given, and checked by the
+    application) or an image, where bright pixels (> ½) are known."""
+    mask = read_input(path, channels)
+    if Path(path).suffix.lower() != ".npy":
+        mask = (mask > 0).float()
+    return mask
+
+
+def write_output(pipe: Any, x: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
+    """Samples in data coordinates as ``.npy``, or as a picture (``.png``): an image grid,
+    with the ``reference`` images (e.g. the inputs) as a first row if given; a scatter of
+    points, beside the reference points if given."""
+    from diffkit import checkpoint, plotting
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        array = x.detach().cpu().numpy().astype(np.float32)
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:  # a file object: np.save would append .npy to a path
+                np.save(fh, array, allow_pickle=False)
+
+        return checkpoint.atomic_write(path, write)
+    if path.suffix.lower() != ".png":
+        raise DiffkitError(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}, got '{path.name}'")
+    if pipe.context.data_kind == "images":
+        if reference is None or x.shape[0] > 16:  # a reference row only where it stays readable
+            return plotting.image_grid(x, path)
+        ref = reference
+        if ref.shape[1:] != x.shape[1:]:  # a low-resolution reference: shown at full size
+            ref = F.interpolate(ref, size=tuple(x.shape[2:]), mode="nearest")
+        return plotting.image_grid(torch.cat([ref, x]), path, nrow=x.shape[0])
+    return plotting.scatter(x, path, reference=reference)
