@@ -84,14 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_plugin_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained run",
+        description="Draw samples from a trained run; with --label, samples of those classes (a conditional"
+        " denoiser, or a guided sampler: classifier or classifier-free guidance).",
+    )
     p.add_argument("run", help="run directory written by `diffkit train`")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--n", type=int, default=1000, help="number of samples, per label with --label (default 1000)")
     p.add_argument("--out", required=True, help="output file: .npy (samples in data coordinates) or .png (picture)")
     p.add_argument("--seed", type=int, help="seed of the sampler's noise (default: random)")
     p.add_argument("--sampler", help="use this registered sampler, with its default parameters, instead of the spec's")
     p.add_argument("--steps", type=int, help="number of reverse steps (default: the sampler's)")
     p.add_argument("--batch-size", type=int, help="sample in chunks of this size to bound memory")
+    p.add_argument(
+        "--label",
+        metavar="LABELS",
+        help="sample this class (3), or these classes (0,1,2: a picture with one row per label; .npy rows in"
+        " label order); needs a conditional denoiser or a guided sampler",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="S",
+        help="scale of the run's guidance (default: its spec's); 0 samples without guidance. Needs --label",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to sample (default cpu)")
     p.add_argument("--trajectory", metavar="FILE.png", help="also draw the reverse process, noise to data, for a few samples")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -231,6 +248,7 @@ def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
 
     from diffkit import checkpoint, plotting
     from diffkit.pipeline import Pipeline
@@ -244,14 +262,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DiffkitError(f"--n must be at least 1, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         raise DiffkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    classes = _parse_labels(args.label) if args.label is not None else None
+    if args.guidance_scale is not None:
+        if classes is None:
+            raise DiffkitError("--guidance-scale needs --label: guidance steers toward the labels asked for")
+        if not args.guidance_scale >= 0:
+            raise DiffkitError(f"--guidance-scale must be at least 0, got {args.guidance_scale}")
     registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
+    labels = None
+    if classes is not None:
+        _check_labels(pipe, classes, args)
+        labels = torch.tensor(classes).repeat_interleave(args.n)
+    total = args.n * (len(classes) if classes else 1)
     start = time.perf_counter()
     samples = pipe.sample(
-        args.n,
+        total,
         seed=args.seed,
         sampler=args.sampler,
         steps=args.steps,
+        labels=labels,
+        guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
@@ -259,10 +290,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.trajectory:
         _check_png(args.trajectory, "--trajectory")
         # images: a few rows to look at; points: enough of them to see the shape form
-        shown = min(args.n, 8) if pipe.context.data_kind == "images" else min(args.n, 2000)
-        ts, states = pipe.trajectory(n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps)
-        labels = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
-        plotting.frames(states, labels, args.trajectory, title="reverse process: noise → data")
+        shown = min(total, 8) if pipe.context.data_kind == "images" else min(total, 2000)
+        picked = None if labels is None else labels[torch.linspace(0, total - 1, shown).round().long()]
+        ts, states = pipe.trajectory(
+            n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps, labels=picked, guidance_scale=args.guidance_scale
+        )
+        names = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
+        plotting.frames(states, names, args.trajectory, title="reverse process: noise → data")
     if out.suffix.lower() == ".npy":
         array = samples.numpy().astype(np.float32)
 
@@ -271,10 +305,76 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 np.save(fh, array, allow_pickle=False)
 
         checkpoint.atomic_write(out, write)
-    else:
+    elif classes is None:
         _write_picture(pipe, samples, out)
-    print(f"drew {args.n} samples of shape {tuple(samples.shape[1:])} in {seconds:.1f} s; wrote {out}")
+    else:
+        _write_labelled_picture(pipe, samples, classes, args.n, out)
+    if classes is None:
+        what = f"{args.n} samples"
+    elif len(classes) == 1:
+        what = f"{args.n} samples of label {classes[0]}"
+    else:
+        what = f"{args.n} samples of each of the labels {','.join(map(str, classes))}"
+    print(f"drew {what} of shape {tuple(samples.shape[1:])} in {seconds:.1f} s; wrote {out}")
     return 0
+
+
+def _parse_labels(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        labels = [int(p) for p in parts]
+    except ValueError:
+        raise DiffkitError(f"--label takes class numbers separated by commas (3, or 0,1,2), got '{text}'") from None
+    if any(label < 0 for label in labels):
+        raise DiffkitError(f"--label takes class numbers from 0, got '{text}'")
+    return labels
+
+
+def _check_labels(pipe: Any, labels: list[int], args: argparse.Namespace) -> None:
+    """One clear error for labels a run cannot sample (before any sampling starts)."""
+    classes = pipe.context.num_classes
+    if not classes:
+        raise DiffkitError(f"{args.run} was trained on data without labels, so it cannot sample by --label")
+    bad = [label for label in labels if label >= classes]
+    if bad:
+        raise DiffkitError(f"--label {bad[0]} is out of range: {args.run} has {classes} classes, 0 to {classes - 1}")
+
+
+def _write_labelled_picture(pipe: Any, samples: Any, labels: list[int], per_label: int, path: Path) -> None:
+    """Images: a grid with one row per label. Points: a scatter with one colour per label,
+    beside the data coloured by its labels."""
+    from diffkit import plotting
+
+    if pipe.context.data_kind == "images":
+        plotting.image_grid(samples, path, nrow=per_label if len(labels) > 1 else None)
+        return
+    import matplotlib.pyplot as plt
+
+    reference = None
+    try:
+        reference = pipe.dataset.tensors()
+    except DiffkitError:
+        pass
+    panels = ([("data", reference[0][:5000], reference[1][:5000])] if reference is not None else []) + [
+        ("samples", samples, _repeat_labels(labels, per_label))
+    ]
+    cmap = plt.get_cmap("tab10" if pipe.context.num_classes <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False, sharex=True, sharey=True)
+    for ax, (name, pts, ys) in zip(axes[0], panels):
+        pts = pts.reshape(pts.shape[0], -1).cpu().numpy()
+        colours = cmap(ys.cpu().numpy() % cmap.N)
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.6, c=colours, linewidths=0)
+        ax.set_title(f"{name} (n = {len(pts):,})")
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{pipe.spec.data.type}: samples of labels {', '.join(map(str, labels))}")
+    plotting._save(fig, path)
+
+
+def _repeat_labels(labels: list[int], per_label: int) -> Any:
+    import torch
+
+    return torch.tensor(labels).repeat_interleave(per_label)
 
 
 def _check_png(path: str | Path, flag: str) -> None:

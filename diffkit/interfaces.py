@@ -35,6 +35,8 @@ __all__ = [
     "StepCallback",
     "Sampler",
     "Guidance",
+    "CondPredict",
+    "LabelledPredict",
     "Dataset",
     "TensorData",
     "BuildContext",
@@ -303,11 +305,65 @@ class Sampler(Protocol):
     ) -> Tensor: ...
 
 
+CondPredict = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""``predict(x_t, t, cond) -> ε̂`` under labels ``cond`` of shape ``[batch]``: ``None``, or a
+negative label, means "no label" (ε̂(x_t, ∅) of a conditional network); an unconditional
+network ignores ``cond``. What a :class:`Guidance` wraps."""
+
+
+class LabelledPredict:
+    """``predict(x_t, t) -> ε̂(x_t, t, y)`` for the labels ``y`` of the batch being drawn,
+    that also offers ε̂ under any labels (``given``).
+
+    The pipeline hands a sampler one of these when labels are asked for. A plain sampler
+    just calls it, which samples the conditional model; a guided sampler hands
+    ``given``, ``labels`` and ``guidance_scale`` (``None``: the guidance's own) to its
+    :class:`Guidance`, and drives its base sampler with the wrapped prediction.
+    """
+
+    __slots__ = ("given", "labels", "guidance_scale")
+
+    def __init__(self, given: CondPredict, labels: Tensor, guidance_scale: float | None = None) -> None:
+        self.given = given
+        self.labels = labels
+        self.guidance_scale = guidance_scale
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.given(x_t, t, self.labels)
+
+
 @runtime_checkable
 class Guidance(Protocol):
-    """Steers sampling toward a condition by wrapping ``predict``."""
+    """Steers sampling toward labels by wrapping the model's noise prediction.
 
-    def wrap(self, predict: Predict, schedule: Schedule, cond: Tensor) -> Predict: ...
+    ``wrap(predict, schedule, cond, scale=None)`` returns the ``predict(x_t, t) -> ε̃``
+    that a (base) sampler is driven by. ``predict`` is the model's noise prediction
+    under any labels (:data:`CondPredict`), ``cond`` the labels of the batch, shape
+    ``[batch]`` (−1: no label, which leaves that row unguided), and ``scale`` overrides
+    the guidance's own scale. Every guidance keeps two promises:
+
+    - ``scale = 0`` returns ``predict(x_t, t, cond)`` unchanged, so the samples are the
+      unguided ones bit for bit;
+    - the wrapped predict works inside ``torch.inference_mode()``, and a gradient it
+      takes (classifier guidance) is with respect to x_t alone: nothing accumulates in
+      any network's weights.
+
+    Attributes the pipeline reads where a guidance has them:
+
+    - ``scale: float``: the scale used when ``wrap`` is given none.
+    - ``classifier: nn.Module``: a noise-aware classifier p_φ(y | x_t, t), called
+      ``classifier(x_t, t) -> logits [batch, classes]``. The pipeline trains it on
+      noised training data after the denoiser (cross-entropy with t uniform, as
+      Dhariwal & Nichol 2021, Sec. 4), reports its accuracy as a function of t, saves it
+      in the run directory and loads it back. ``classifier_training`` (a mapping) holds
+      overrides of the spec's ``train`` settings for that training (``steps``, ``lr``,
+      ``batch_size``).
+    - ``requires_conditional_denoiser: bool``: it needs ε(x_t, y) and ε(x_t, ∅) from
+      one network (classifier-free guidance); sampling with an unconditional one is an
+      error.
+    """
+
+    def wrap(self, predict: CondPredict, schedule: Schedule, cond: Tensor, *, scale: float | None = None) -> Predict: ...
 
 
 class Dataset(torch.utils.data.Dataset):

@@ -2,14 +2,15 @@
 
 Built from a spec (``Pipeline.from_spec``) or in Python (``Pipeline(...)``), and in
 both cases able to write its spec back out (``pipe.spec``): the two are faces of one
-thing. ``fit`` trains, ``sample`` draws, ``save``/``load`` round-trip through a run
-directory of YAML, JSON and safetensors.
+thing. ``fit`` trains, ``sample`` draws (by label, with guidance, where the pipeline can),
+``save``/``load`` round-trip through a run directory of YAML, JSON and safetensors.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,36 @@ from torch import Tensor, nn
 import diffkit
 from diffkit import checkpoint
 from diffkit.errors import DiffkitError
-from diffkit.interfaces import BuildContext, Dataset, Objective, Predict, Sampler, Schedule, StepCallback
+from diffkit.interfaces import (
+    BuildContext,
+    CondPredict,
+    Dataset,
+    Guidance,
+    LabelledPredict,
+    Objective,
+    Predict,
+    Sampler,
+    Schedule,
+    StepCallback,
+    TensorData,
+)
 from diffkit.plugins import get_registry
 from diffkit.registry import Registry
-from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, load_spec, validate_spec
-from diffkit.train import EMA, TrainResult, resolve_device, train
+from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, iter_sections, load_spec, using_registry, validate_spec
+from diffkit.train import EMA, ClassifierResult, TrainResult, resolve_device, train, train_classifier
 
 __all__ = ["Pipeline"]
 
 Config = str | Mapping[str, Any] | BaseModel
+Labels = int | Sequence[int] | Tensor
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "denoiser.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_METRICS_FILE = "classifier_metrics.jsonl"
 META_FILE = "meta.json"
+HELD_OUT_FRACTION = 0.1
+"""Share of the training data kept out of the classifier's training to measure its accuracy by t."""
 
 
 def _as_config(value: Config) -> dict[str, Any]:
@@ -85,6 +103,8 @@ class Pipeline:
         self.data_std: Tensor | None = None
         self._online: nn.Module | None = None  # the raw trained weights; self.denoiser holds their EMA
         self.steps_trained = 0
+        self.classifier_steps_trained = 0  # of classifier guidance's classifier, where there is one
+        self.classifier_accuracy: list[dict[str, Any]] | None = None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -116,8 +136,20 @@ class Pipeline:
 
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
-            return self.registry.build(kind, value, self.context)
+            with using_registry(self.registry):  # nested sections (a guided sampler's base) come from it too
+                return self.registry.build(kind, value, self.context)
         return value
+
+    @property
+    def guidance(self) -> Guidance | None:
+        """The guidance of the pipeline's sampler (a guided sampler's), or ``None``."""
+        return getattr(self.sampler, "guidance", None)
+
+    @property
+    def classifier(self) -> nn.Module | None:
+        """The noise-aware classifier p_φ(y | x_t, t) of the pipeline's guidance, if it has one."""
+        net = getattr(self.guidance, "classifier", None)
+        return net if isinstance(net, nn.Module) else None
 
     @property
     def dataset(self) -> Dataset:
@@ -212,6 +244,49 @@ class Pipeline:
         self._online = online
         self.steps_trained += result.steps
         self.denoiser.eval()
+        if self.classifier is not None:
+            result.classifier = self._fit_classifier(dataset, config, device, out, progress)
+        return result
+
+    def _fit_classifier(
+        self, dataset: Dataset, config: TrainConfig, device: torch.device, out: str | Path | None, progress: bool
+    ) -> ClassifierResult:
+        """Train classifier guidance's p_φ(y | x_t, t) on noised training data, holding out a
+        share of the data to report its accuracy as a function of t."""
+        classifier = self.classifier
+        assert classifier is not None
+        if not dataset.num_classes:
+            raise DiffkitError("classifier guidance needs labelled data to train its classifier on; this data has no labels")
+        overrides = dict(getattr(self.guidance, "classifier_training", None) or {})
+        config = TrainConfig.model_validate({**config.model_dump(), **overrides})
+        train_data, held_out = _hold_out(dataset, HELD_OUT_FRACTION, self.seed)
+        metrics = None
+        if out is not None:
+            metrics = Path(out) / CLASSIFIER_METRICS_FILE
+            if self.classifier_steps_trained == 0:
+                metrics.unlink(missing_ok=True)
+        result = train_classifier(
+            classifier,
+            self.schedule,
+            train_data,
+            config,
+            seed=self.seed + 1 + self.classifier_steps_trained,
+            device=device,
+            transform=self._normalize if self.data_mean is not None else None,
+            held_out=held_out,
+            metrics_path=metrics,
+            progress=progress,
+            start_step=self.classifier_steps_trained,
+        )
+        self.classifier_steps_trained += result.steps
+        self.classifier_accuracy = result.accuracy
+        if progress:
+            print(
+                f"classifier p_φ(y | x_t, t): {result.steps} steps in {result.seconds:.1f} s, final loss"
+                f" {result.final_loss:.4f}; accuracy on {result.accuracy[0]['n'] if result.accuracy else 0}"
+                f" noisings of {result.evaluated_on} examples per band of t:\n{result.table()}",
+                file=sys.stderr,
+            )
         return result
 
     def _fit_normalizer(self, dataset: Dataset) -> None:
@@ -245,6 +320,16 @@ class Pipeline:
 
         return predict
 
+    def conditional_predictor(self) -> CondPredict:
+        """``predict(x_t, t, cond) -> ε̂`` under any labels (−1 or ``None``: no label), what
+        guidance wraps; an unconditional denoiser ignores the labels."""
+        net, objective, schedule = self.denoiser, self.objective, self.schedule
+
+        def predict(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+            return objective.to_eps(net(x_t, t, cond), x_t, t, schedule)
+
+        return predict
+
     @property
     def device(self) -> torch.device:
         p = next(self.denoiser.parameters(), None)
@@ -257,6 +342,8 @@ class Pipeline:
         sampler: Config | Sampler | None = None,
         steps: int | None = None,
         *,
+        labels: Labels | None = None,
+        guidance_scale: float | None = None,
         batch_size: int | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
@@ -267,6 +354,12 @@ class Pipeline:
         asks for fewer reverse steps; ``batch_size`` bounds memory by sampling in
         chunks. The same ``seed`` and ``batch_size`` give the same samples.
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
+
+        ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
+        samples of those classes: from a conditional denoiser, and steered by the
+        guidance of a guided sampler where there is one, at ``guidance_scale`` if given
+        (else the spec's). An unguided ``sampler`` override of a guided pipeline is
+        steered by the pipeline's guidance.
         """
         if n < 1:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
@@ -274,8 +367,11 @@ class Pipeline:
             raise DiffkitError(f"steps must be between 1 and the schedule's T = {self.schedule.T}, got {steps}")
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
         device = self.device
+        y = None if labels is None else self._labels(labels, n).to(device)
+        steer = self._steering(chosen, y, guidance_scale)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
+        given = self.conditional_predictor()
         predict = self.predictor()
         batch_size = batch_size or n
         chunks = []
@@ -283,6 +379,12 @@ class Pipeline:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
+                if y is not None:
+                    y_chunk = y[start : start + m]
+                    if steer is not None:  # an unguided override, steered by the pipeline's guidance
+                        predict = steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
+                    else:
+                        predict = LabelledPredict(given, y_chunk, guidance_scale)
                 x = chosen(
                     predict,
                     self.schedule,
@@ -296,6 +398,79 @@ class Pipeline:
                 chunks.append(self.denormalize(x).cpu())
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
+    def _labels(self, labels: Labels, n: int) -> Tensor:
+        """``labels`` as ``[n]`` long, checked against the data's classes."""
+        classes = self.context.num_classes
+        if not classes:
+            raise DiffkitError("this pipeline's data has no labels, so it cannot sample by label; train on labelled data")
+        y = torch.as_tensor(labels).long().reshape(-1).cpu()
+        if y.numel() == 1:
+            y = y.expand(n)
+        if y.numel() != n:
+            raise DiffkitError(f"labels must be one class or one per sample ({n}), got {y.numel()}")
+        bad = y[(y < -1) | (y >= classes)]
+        if bad.numel():
+            raise DiffkitError(
+                f"label {bad[0].item()} is out of range: the data has {classes} classes, 0 to {classes - 1}"
+                " (−1 asks for no label)"
+            )
+        return y.clone()
+
+    def _steering(self, chosen: Sampler, y: Tensor | None, scale: float | None) -> Guidance | None:
+        """Check that the pipeline can sample by these labels with ``chosen``; return the
+        pipeline's guidance where it must steer an unguided override sampler itself."""
+        own = self.guidance
+        guidance = getattr(chosen, "guidance", None)
+        if y is None:
+            if scale is not None:
+                raise DiffkitError("a guidance scale needs labels to guide toward; give labels as well")
+            return None
+        steer = None
+        if guidance is None and chosen is not self.sampler and own is not None:
+            guidance = steer = own
+        conditional = bool(getattr(self.denoiser, "num_classes", None))
+        if guidance is None:
+            if not conditional:
+                raise DiffkitError(
+                    "this model cannot sample by label: its denoiser is unconditional (no num_classes) and its"
+                    " sampler has no guidance. Train a conditional denoiser (denoiser.num_classes, for"
+                    " classifier-free guidance) or use classifier guidance (sampler: {type: guided, guidance:"
+                    " {type: classifier}})"
+                )
+            if scale is not None:
+                raise DiffkitError(
+                    f"this model's sampler ({type(chosen).__name__}) has no guidance to scale; sample without a"
+                    " guidance scale, or use sampler: {type: guided, guidance: {type: classifier-free}}"
+                )
+            return None
+        if scale is not None and not scale >= 0:
+            raise DiffkitError(f"the guidance scale must be at least 0, got {scale}")
+        if getattr(guidance, "requires_conditional_denoiser", False) and not conditional:
+            raise DiffkitError(
+                f"{type(guidance).__name__} needs a denoiser trained with and without labels, but this one is"
+                " unconditional; set denoiser.num_classes and train again"
+            )
+        needs = getattr(guidance, "classifier", None)
+        effective = getattr(guidance, "scale", None) if scale is None else scale
+        if isinstance(needs, nn.Module) and effective != 0:
+            trained = self.classifier
+            if trained is None or self.classifier_steps_trained == 0:
+                raise DiffkitError(
+                    "classifier guidance needs a trained classifier, and this model has none: train with the guided"
+                    " sampler in the spec (sampler: {type: guided, guidance: {type: classifier}}) so that fit()"
+                    f" trains one (diffkit train saves it as {CLASSIFIER_FILE})"
+                )
+            if needs is not trained:  # an override's guidance: give it this pipeline's trained classifier
+                try:
+                    needs.load_state_dict(trained.state_dict())
+                except RuntimeError:
+                    raise DiffkitError(
+                        "the classifier guidance asked for has another classifier than the one this model trained;"
+                        " leave its width and depth as in the model's spec"
+                    ) from None
+                needs.to(self.device).eval()
+        return steer
+
     def trajectory(
         self,
         n: int = 8,
@@ -303,12 +478,23 @@ class Pipeline:
         seed: int | None = None,
         sampler: Config | Sampler | None = None,
         steps: int | None = None,
+        *,
+        labels: Labels | None = None,
+        guidance_scale: float | None = None,
     ) -> tuple[list[int], Tensor]:
         """The reverse process from noise to data: ``frames`` evenly spaced states of
         ``n`` samples, as ``(timesteps, states [frames, n, ...])`` in data coordinates
-        (timestep −1 is the final sample)."""
+        (timestep −1 is the final sample). ``labels`` and ``guidance_scale`` as in :meth:`sample`."""
         seen: list[tuple[int, Tensor]] = []
-        self.sample(n, seed=seed, sampler=sampler, steps=steps, callback=lambda t, x: seen.append((t, x.clone())))
+        self.sample(
+            n,
+            seed=seed,
+            sampler=sampler,
+            steps=steps,
+            labels=labels,
+            guidance_scale=guidance_scale,
+            callback=lambda t, x: seen.append((t, x.clone())),
+        )
         picks = torch.linspace(0, len(seen) - 1, min(frames, len(seen))).round().long().tolist()
         return [seen[i][0] for i in picks], torch.stack([self.denormalize(seen[i][1]).cpu() for i in picks])
 
@@ -335,6 +521,13 @@ class Pipeline:
             tensors["data.mean"], tensors["data.std"] = self.data_mean, self.data_std
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
+        classifier = self.classifier
+        if classifier is not None and self.classifier_steps_trained > 0:
+            checkpoint.save_tensors(
+                directory / CLASSIFIER_FILE,
+                {k: v.contiguous() for k, v in classifier.state_dict().items()},
+                metadata={"format": "diffkit-classifier-1"},
+            )
         checkpoint.write_json(
             directory / META_FILE,
             {
@@ -344,10 +537,15 @@ class Pipeline:
                 "num_classes": self.context.num_classes,
                 "data_kind": self.context.data_kind,
                 "steps_trained": self.steps_trained,
+                "classifier": (
+                    {"steps_trained": self.classifier_steps_trained, "accuracy_by_t": self.classifier_accuracy}
+                    if classifier is not None
+                    else None
+                ),
                 "components": {
-                    section: {"plugin": e.plugin, "distribution": e.distribution, "version": e.version}
-                    for section, kind in SECTIONS.items()
-                    for e in [self.registry.get(kind, getattr(spec, section).type)]
+                    path: {"plugin": e.plugin, "distribution": e.distribution, "version": e.version}
+                    for path, kind, section in iter_sections(spec)
+                    for e in [self.registry.get(kind, section.type)]
                 },
             },
         )
@@ -376,6 +574,7 @@ class Pipeline:
         tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE)
         pipe._load_state(tensors, directory)
         pipe.steps_trained = int(meta.get("steps_trained", 0))
+        pipe._load_classifier(directory, meta)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -398,11 +597,30 @@ class Pipeline:
         self.data_mean, self.data_std = tensors.get("data.mean"), tensors.get("data.std")
         self.denoiser.eval()
 
+    def _load_classifier(self, directory: Path, meta: Mapping[str, Any]) -> None:
+        """Load classifier guidance's classifier where the run has one; a run without the
+        file loads, and sampling by label then says that the classifier is missing."""
+        classifier = self.classifier
+        path = directory / CLASSIFIER_FILE
+        if classifier is None or not path.is_file():
+            return
+        try:
+            classifier.load_state_dict(checkpoint.load_tensors(path))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes ({first})") from None
+        classifier.eval()
+        info = meta.get("classifier") or {}
+        self.classifier_steps_trained = int(info.get("steps_trained") or 1)
+        self.classifier_accuracy = info.get("accuracy_by_t")
+
     def to(self, device: str | torch.device) -> Pipeline:
         device = resolve_device(device)
         self.denoiser.to(device)
         if self._online is not None:
             self._online.to(device)
+        if self.classifier is not None:
+            self.classifier.to(device)
         return self
 
     def __repr__(self) -> str:
@@ -412,3 +630,17 @@ class Pipeline:
             f" objective={type(self.objective).__name__}, sampler={type(self.sampler).__name__},"
             f" sample_shape={self.context.sample_shape}, steps_trained={self.steps_trained})"
         )
+
+
+def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
+    """Split in-memory data into what the classifier trains on and a held-out share (at
+    least one example, at most 2,000) to measure it on; other data is not split."""
+    tensors = dataset.tensors()
+    if tensors is None or len(dataset) < 20:
+        return dataset, None
+    x, y = tensors
+    k = min(2000, max(1, round(fraction * len(dataset))))
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    rest, held = perm[k:], perm[:k]
+    train = TensorData(x[rest], y[rest], num_classes=dataset.num_classes, kind=dataset.kind)
+    return train, (x[held], y[held])

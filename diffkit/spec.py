@@ -14,12 +14,24 @@ Its pydantic model is built from the registry after plugins load: each component
 section is a discriminated union of the installed components of that kind, tagged by
 ``type``, with the component's own parameters inline. Only registered components
 can be chosen: a spec never names code to import.
+
+A component's parameters may themselves name components (:class:`ComponentSection`),
+e.g. the base sampler and the guidance of a guided sampler::
+
+    sampler:
+      type: guided
+      base: {type: ddim, steps: 100}
+      guidance: {type: classifier, scale: 3.0}
+
+Such a nested section is validated against the same union of installed components as
+a top-level one, and its problems are reported at its full path (``sampler.base.steps``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +43,32 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from diffkit.errors import ComponentLookupError, SpecError
+from diffkit.interfaces import BuildContext
 from diffkit.plugins import get_registry
-from diffkit.registry import Registry
+from diffkit.registry import KINDS, Registry
 
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["Spec", "TrainConfig", "spec_model", "validate_spec", "load_spec", "dump_spec", "json_schema", "data_shape", "SECTIONS"]
+__all__ = [
+    "Spec",
+    "TrainConfig",
+    "ComponentSection",
+    "nested_sections",
+    "iter_sections",
+    "build_section",
+    "using_registry",
+    "current_registry",
+    "spec_model",
+    "validate_spec",
+    "load_spec",
+    "dump_spec",
+    "json_schema",
+    "data_shape",
+    "SECTIONS",
+]
 
 # spec section -> kind of component; the order is the order sections are written in
 SECTIONS: dict[str, str] = {
@@ -67,6 +96,14 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(
         0.999, ge=0, lt=1, description="Decay of the exponential moving average of the weights used for sampling."
     )
+    cond_drop_prob: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="For a conditional denoiser (num_classes set): the fraction of training labels replaced by"
+        " 'no label', so that one network learns ε(x, y) and ε(x, ∅) for classifier-free guidance"
+        " (Ho & Salimans 2022, Alg. 1); 0 trains a purely conditional network.",
+    )
     log_every: int = Field(50, ge=1, description="Steps between entries of metrics.jsonl.")
     preview: int = Field(
         1000, ge=0, description="Samples drawn after training for the run directory's samples picture; 0 disables."
@@ -85,8 +122,119 @@ class Spec(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
 
 
-def _section_validator(registry: Registry, kind: str):
+# -- nested component sections -------------------------------------------------------------
+@dataclass(frozen=True)
+class _NestedKind:
+    """Marks a parameter whose value is a section naming a component of ``kind``."""
+
+    kind: str
+
+
+def _plain_section(kind: str):
+    """What a nested section accepts when its Params are validated alone (``Registry.build``):
+    a bare name or a mapping with a ``type``. The spec model replaces it with the full union."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value}
+        if isinstance(value, BaseModel):
+            return value.model_dump()
+        if isinstance(value, Mapping):
+            if "type" not in value:
+                raise PydanticCustomError("missing_type", "a {kind} section needs a 'type'", {"kind": kind})
+            return dict(value)
+        return value  # pydantic reports the wrong type
+
+    return check
+
+
+class ComponentSection:
+    """The type of a parameter that names another component, as a section of its own.
+
+    ``ComponentSection["sampler"]`` accepts what a spec's ``sampler:`` accepts (a bare
+    name or ``{type: NAME, ...parameters}``) and holds it as a dict; the spec model
+    validates it against the installed samplers, with problems at the full path
+    (``sampler.base.steps``), and the JSON Schema offers the same choices. A factory
+    builds it with :func:`build_section`::
+
+        class GuidedParams(diffkit.Params):
+            base: ComponentSection["sampler"] = Field({"type": "ddpm"}, description="...")
+
+    Nesting goes one level deep: a component with sections of its own cannot be named
+    inside another's.
+    """
+
+    def __class_getitem__(cls, kind: str) -> Any:
+        if kind not in KINDS:
+            raise TypeError(f"unknown kind of component '{kind}'; kinds are {', '.join(KINDS)}")
+        return Annotated[dict[str, Any], BeforeValidator(_plain_section(kind)), _NestedKind(kind)]
+
+
+def nested_sections(params: type[BaseModel]) -> dict[str, str]:
+    """The parameters of a Params model that are component sections: ``{field: kind}``."""
+    out = {}
+    for name, info in params.model_fields.items():
+        for meta in info.metadata:
+            if isinstance(meta, _NestedKind):
+                out[name] = meta.kind
+    return out
+
+
+def current_registry() -> Registry:
+    """The registry a spec is being validated or a pipeline built against (else the process-wide one)."""
+    return _validating.get() or get_registry()
+
+
+@contextmanager
+def using_registry(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the one :func:`current_registry` returns, for building a pipeline's components."""
+    token = _validating.set(registry)
+    try:
+        yield registry
+    finally:
+        _validating.reset(token)
+
+
+def build_section(kind: str, section: Any, ctx: BuildContext, path: str) -> Any:
+    """Build the component a nested section names, from :func:`current_registry`.
+
+    ``path`` is where the section sits in a spec (``sampler.base``); problems are
+    raised as a :class:`SpecError` at that path."""
+    registry = current_registry()
+    tag = section if isinstance(section, str) else (dict(section) if isinstance(section, Mapping) else {}).get("type")
+    if isinstance(section, BaseModel):
+        tag = getattr(section, "type", None)
+    if tag is None:
+        raise SpecError([(path, f"needs a 'type': one of {', '.join(sorted(registry.tags(kind)))}")])
+    try:
+        entry = registry.get(kind, str(tag))
+    except ComponentLookupError as exc:
+        raise SpecError([(path, str(exc))]) from None
+    if nested_sections(entry.component.params):
+        raise SpecError([(path, _nesting_message(kind, str(tag)))])
+    try:
+        return registry.build(kind, section, ctx)
+    except SpecError as exc:
+        raise SpecError([(_repath(p, kind, path), m) for p, m in exc.problems]) from None
+
+
+def _repath(p: str, kind: str, path: str) -> str:
+    if p == kind:
+        return path
+    return path + p[len(kind) :] if p.startswith(kind + ".") else f"{path}.{p}"
+
+
+def _nesting_message(kind: str, tag: str) -> str:
+    return f"{kind} '{tag}' has component sections of its own, so it cannot be nested inside another component"
+
+
+# -- the spec model ----------------------------------------------------------------------------
+def _section_validator(registry: Registry, kind: str, nested: bool = False):
     tags = registry.tags(kind)
+    if nested:  # the choices a nested section has: components without sections of their own
+        choices = {tag for tag, e in tags.items() if not nested_sections(e.component.params)}
+    else:
+        choices = set(tags)
 
     def check(value: Any) -> Any:
         if isinstance(value, str):  # `sampler: ddpm` is short for `sampler: {type: ddpm}`
@@ -98,48 +246,81 @@ def _section_validator(registry: Registry, kind: str):
         tag = value.get("type")
         if tag is None:
             raise PydanticCustomError(
-                "missing_type", "needs a 'type': one of {choices}", {"choices": ", ".join(sorted(tags)) or "(none installed)"}
+                "missing_type", "needs a 'type': one of {choices}", {"choices": ", ".join(sorted(choices)) or "(none installed)"}
             )
         if tag not in tags:
             try:
                 registry.get(kind, str(tag))
             except ComponentLookupError as exc:
                 raise PydanticCustomError("unknown_component", str(exc)) from None
+        elif nested and nested_sections(tags[tag].component.params):
+            raise PydanticCustomError("nested_component", _nesting_message(kind, str(tag)))
         return value
 
     return check
 
 
-def _section_type(registry: Registry, kind: str) -> Any:
-    by_entry: dict[str, list[str]] = {}
-    models = {}
-    for tag, entry in registry.tags(kind).items():
-        by_entry.setdefault(entry.qualified, []).append(tag)
-        models[entry.qualified] = entry
-    members = []
-    for qualified, tags in by_entry.items():
-        entry = models[qualified]
-        name = "".join(p.capitalize() for p in f"{kind}-{entry.plugin}-{entry.name}".replace(".", "-").replace("_", "-").split("-"))
-        model = create_model(
-            name,
-            __base__=entry.component.params,
-            __doc__=entry.component.description or entry.component.params.__doc__,
-            type=(Literal[tuple(sorted(tags, key=lambda s: (":" in s, s)))], Field(description=f"{kind} component")),
-        )
-        members.append(model)
-    validator = BeforeValidator(_section_validator(registry, kind))
-    # the tags a bare name may use: those of components with no required parameter
-    bare = [
-        tag
-        for tag, e in registry.tags(kind).items()
-        if not any(f.is_required() for f in e.component.params.model_fields.values())
-    ]
+def _member_model(entry: Any, kind: str, tags: list[str], nested_types: dict[str, Any]) -> type[BaseModel]:
+    """The section model of one component: its Params plus the ``type`` tag, with each
+    nested section's field retyped as the union of that kind."""
+    name = "".join(p.capitalize() for p in f"{kind}-{entry.plugin}-{entry.name}".replace(".", "-").replace("_", "-").split("-"))
+    params = entry.component.params
+    fields: dict[str, Any] = {
+        "type": (Literal[tuple(sorted(tags, key=lambda s: (":" in s, s)))], Field(description=f"{kind} component"))
+    }
+    for field, sub_kind in nested_sections(params).items():
+        info = params.model_fields[field]
+        default: dict[str, Any] = {"description": info.description, "validate_default": True}
+        if info.default_factory is not None:
+            default["default_factory"] = info.default_factory
+        elif not info.is_required():
+            default["default"] = info.default
+        fields[field] = (Annotated[nested_types[sub_kind], _NestedKind(sub_kind)], Field(**default))
+    return create_model(
+        name, __base__=params, __doc__=entry.component.description or params.__doc__, **fields
+    )
+
+
+def _union(registry: Registry, kind: str, members: list[type[BaseModel]], bare: list[str], nested: bool) -> Any:
+    validator = BeforeValidator(_section_validator(registry, kind, nested))
     shorthand = _Shorthand(tuple(sorted(bare, key=lambda s: (":" in s, s))))
     if not members:
         return Annotated[dict, validator]
     if len(members) == 1:
         return Annotated[members[0], validator, shorthand]
     return Annotated[Annotated[Union[tuple(members)], Field(discriminator="type")], validator, shorthand]
+
+
+def _section_types(registry: Registry) -> dict[str, Any]:
+    """The type of a section of each kind. Components without nested sections are built
+    first; their unions type the nested sections of the others (one level deep)."""
+    flat: dict[str, list[type[BaseModel]]] = {}
+    flat_bare: dict[str, list[str]] = {}
+    deep: dict[str, list[tuple[Any, list[str]]]] = {}
+    bare: dict[str, list[str]] = {}
+    for kind in KINDS:
+        by_entry: dict[str, list[str]] = {}
+        entries = {}
+        for tag, entry in registry.tags(kind).items():
+            by_entry.setdefault(entry.qualified, []).append(tag)
+            entries[entry.qualified] = entry
+        flat[kind], flat_bare[kind], deep[kind], bare[kind] = [], [], [], []
+        for qualified, tags in by_entry.items():
+            entry = entries[qualified]
+            # the tags a bare name may use: those of components with no required parameter
+            no_required = not any(f.is_required() for f in entry.component.params.model_fields.values())
+            if nested_sections(entry.component.params):
+                deep[kind].append((entry, tags))
+            else:
+                flat[kind].append(_member_model(entry, kind, tags, {}))
+                flat_bare[kind] += tags if no_required else []
+            bare[kind] += tags if no_required else []
+    nested_types = {kind: _union(registry, kind, flat[kind], flat_bare[kind], nested=True) for kind in KINDS}
+    out = {}
+    for kind in KINDS:
+        members = flat[kind] + [_member_model(e, kind, tags, nested_types) for e, tags in deep[kind]]
+        out[kind] = _union(registry, kind, members, bare[kind], nested=False)
+    return out
 
 
 @dataclass(frozen=True)
@@ -165,45 +346,79 @@ def spec_model(registry: Registry | None = None) -> type[Spec]:
     registry = registry or get_registry()
     key = (id(registry), registry.generation)
     if key not in _cache:
+        types = _section_types(registry)
         fields: dict[str, Any] = {}
         for section, kind in SECTIONS.items():
-            typ = _section_type(registry, kind)
             default = DEFAULTS.get(section)
             if default is not None and default in registry.tags(kind):
-                fields[section] = (typ, Field({"type": default}, description=f"The {kind} (default: {default})."))
+                fields[section] = (types[kind], Field({"type": default}, description=f"The {kind} (default: {default})."))
             else:
-                fields[section] = (typ, Field(..., description=f"The {kind}."))
+                fields[section] = (types[kind], Field(..., description=f"The {kind}."))
         _cache[key] = create_model("DiffkitSpec", __base__=Spec, **fields)
     return _cache[key]
+
+
+def _clean_loc(loc: list[Any], data: Any) -> tuple[list[Any], Any]:
+    """The field path without the union tags pydantic inserts after a section name
+    (``denoiser.mlp.hidden`` → ``denoiser.hidden``, ``sampler.guided.base.ddim.steps`` →
+    ``sampler.base.steps``), and the data at the path's parent."""
+    out: list[Any] = []
+    node, parent = data, None
+    for part in loc:
+        if isinstance(node, str) and out:  # a bare name stands for {type: name}
+            node = {"type": node}
+        if out and isinstance(node, Mapping) and isinstance(part, str) and part not in node and part == node.get("type"):
+            continue
+        out.append(part)
+        parent = node
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out, parent
 
 
 def _problems(err: ValidationError, data: Any) -> list[tuple[str, str]]:
     out = []
     for e in err.errors():
-        loc = list(e["loc"])
-        # drop the union tag pydantic inserts after a section name (`denoiser.mlp.hidden`)
-        if len(loc) >= 2 and loc[0] in SECTIONS and isinstance(data, Mapping):
-            section = data.get(loc[0])
-            if isinstance(section, Mapping) and loc[1] == section.get("type"):
-                del loc[1]
+        loc, parent = _clean_loc(list(e["loc"]), data)
         path = ".".join(str(p) for p in loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-            section = data.get(loc[0]) if isinstance(data, Mapping) and loc else None
-            if len(loc) == 2 and isinstance(section, Mapping):
-                msg += f" (see `diffkit schema` for the parameters of {loc[0]} '{section.get('type')}')"
+            if len(loc) >= 2 and isinstance(parent, Mapping) and "type" in parent:
+                where = ".".join(str(p) for p in loc[:-1])
+                msg += f" (see `diffkit schema` for the parameters of {where} '{parent.get('type')}')"
         elif e["type"] == "missing":
             msg = "required; add it"
         out.append((path, msg))
     return out
 
 
+def _sections(model: BaseModel, path: str, kind: str) -> Iterator[tuple[str, str, BaseModel]]:
+    """A validated section and the sections nested in it, as ``(path, kind, section)``."""
+    yield path, kind, model
+    for field, sub_kind in nested_sections(type(model)).items():
+        sub = getattr(model, field)
+        if isinstance(sub, BaseModel):
+            yield from _sections(sub, f"{path}.{field}", sub_kind)
+
+
+def iter_sections(spec: Spec) -> Iterator[tuple[str, str, BaseModel]]:
+    """Every component section of a validated spec, nested ones included, as
+    ``(path, kind, section)``: ``("sampler", "sampler", …)``, ``("sampler.base", "sampler", …)``."""
+    for section, kind in SECTIONS.items():
+        yield from _sections(getattr(spec, section), section, kind)
+
+
 def validate_spec(data: Any, registry: Registry | None = None, *, source: str | None = None) -> Spec:
     """Validate a spec given as a dict (or a Spec) against the installed components.
 
     Raises :class:`~diffkit.errors.SpecError` listing every problem with its field
-    path; then runs each component's cross-checks (e.g. network against data shape).
+    path; then runs each component's cross-checks (e.g. network against data shape),
+    those of nested sections included.
     """
     registry = registry or get_registry()
     model = spec_model(registry)
@@ -218,11 +433,11 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
     problems = []
     token = _validating.set(registry)
     try:
-        for section, kind in SECTIONS.items():
-            section_model = getattr(spec, section)
+        sections = list(iter_sections(spec))
+        for path, kind, section_model in sections:
             check = registry.get(kind, section_model.type).component.check
             if check is not None:
-                problems += [(section, msg) for msg in check(section_model, spec)]
+                problems += [(path, msg) for msg in check(section_model, spec)]
         # The schedule is cheap to build; building it catches parameters that validate one
         # by one but give no valid ᾱ (e.g. ᾱ underflowing to 0).
         try:
@@ -230,12 +445,14 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
         except SpecError as exc:
             problems.append(("schedule", f"these parameters give no valid schedule: {exc.problems[0][1]}"))
             T = None
-        # By convention a sampler's `steps` parameter counts reverse steps, at most T.
-        steps = getattr(spec.sampler, "steps", None)
-        if isinstance(steps, int) and T is not None and steps > T:
-            problems.append(
-                ("sampler.steps", f"{steps} exceeds the schedule's T = {T}; lower it, or leave it null to take all T")
-            )
+        # By convention a sampler's `steps` parameter counts reverse steps, at most T;
+        # that holds for samplers nested in another (a guided sampler's base) too.
+        for path, kind, section_model in sections:
+            steps = getattr(section_model, "steps", None) if kind == "sampler" else None
+            if isinstance(steps, int) and T is not None and steps > T:
+                problems.append(
+                    (f"{path}.steps", f"{steps} exceeds the schedule's T = {T}; lower it, or leave it null to take all T")
+                )
     finally:
         _validating.reset(token)
     if problems:
@@ -243,8 +460,9 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
     return spec
 
 
-# The registry a spec is being validated against, so that component checks calling
-# data_shape() look the data up where the spec is being validated.
+# The registry a spec is being validated against (or a pipeline built against), so that
+# component checks calling data_shape() and factories building nested sections look
+# components up where the spec is being validated.
 _validating: ContextVar[Registry | None] = ContextVar("diffkit_validating_registry", default=None)
 
 
@@ -302,13 +520,22 @@ def load_spec(spec: str | Path | Mapping[str, Any] | Spec, registry: Registry | 
 
 
 def to_dict(spec: Spec) -> dict[str, Any]:
-    """The spec as plain data, each section's ``type`` first."""
+    """The spec as plain data, each section's ``type`` first (nested sections' too)."""
     raw = spec.model_dump(mode="json")
     out: dict[str, Any] = {"seed": raw.pop("seed")}
-    for section in SECTIONS:
-        body = raw.pop(section)
-        out[section] = {"type": body.pop("type"), **body}
+    for section, kind in SECTIONS.items():
+        out[section] = _type_first(raw.pop(section), getattr(spec, section))
     out.update(raw)
+    return out
+
+
+def _type_first(body: dict[str, Any], model: BaseModel) -> dict[str, Any]:
+    body = dict(body)
+    out = {"type": body.pop("type"), **body}
+    for field in nested_sections(type(model)):
+        sub = getattr(model, field)
+        if isinstance(sub, BaseModel) and isinstance(out.get(field), dict):
+            out[field] = _type_first(out[field], sub)
     return out
 
 

@@ -51,7 +51,7 @@ class SGLDParams(Params):
         10, ge=1, le=100_000, description="Langevin steps K at each noise level (Song & Ermon 2019 use 100 with L = 10)."
     )
     epsilon: float = Field(
-        5e-6,
+        2e-5,
         gt=0,
         le=1,
         description="ε of the step size η_i = ε σ_i²/σ_L² at level i, σ_L the least noisy level visited"
