@@ -280,7 +280,7 @@ class Pipeline:
         )
         self.classifier_steps_trained += result.steps
         self.classifier_accuracy = result.accuracy
-        if progress:
+        if progress or out is not None:  # a report, not progress: `diffkit train --no-progress` shows it too
             print(
                 f"classifier p_φ(y | x_t, t): {result.steps} steps in {result.seconds:.1f} s, final loss"
                 f" {result.final_loss:.4f}; accuracy on {result.accuracy[0]['n'] if result.accuracy else 0}"

@@ -201,9 +201,11 @@ def build_section(kind: str, section: Any, ctx: BuildContext, path: str) -> Any:
     ``path`` is where the section sits in a spec (``sampler.base``); problems are
     raised as a :class:`SpecError` at that path."""
     registry = current_registry()
-    tag = section if isinstance(section, str) else (dict(section) if isinstance(section, Mapping) else {}).get("type")
     if isinstance(section, BaseModel):
-        tag = getattr(section, "type", None)
+        section = section.model_dump()
+    if isinstance(section, str):
+        section = {"type": section}
+    tag = section.get("type") if isinstance(section, Mapping) else None
     if tag is None:
         raise SpecError([(path, f"needs a 'type': one of {', '.join(sorted(registry.tags(kind)))}")])
     try:

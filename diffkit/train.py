@@ -210,6 +210,7 @@ def train(
         bar.close()
         if metrics is not None:
             metrics.close()
+    opt.zero_grad(set_to_none=True)  # no stale gradients left on the weights (nor their memory)
     online.eval()
     return TrainResult(config.steps, time.perf_counter() - start, history[-1]["loss"] if history else float("nan"), history)
 
@@ -347,6 +348,7 @@ def train_classifier(
         if metrics is not None:
             metrics.close()
     seconds = time.perf_counter() - start
+    opt.zero_grad(set_to_none=True)
     classifier.eval()
     if held_out is not None:
         x_eval, y_eval, where = held_out[0], held_out[1], "held-out"
