@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,6 +39,7 @@ import diffkit  # noqa: E402
 from common import DigitsJudge  # noqa: E402
 from diffkit import applications as A  # noqa: E402
 from diffkit.metrics import sliced_wasserstein  # noqa: E402
+from diffkit.oracles import GaussianMixture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "bench-steps"
@@ -62,71 +65,122 @@ def trained(spec: Path, out: Path, steps: int | None) -> diffkit.Pipeline:
 
 
 # -- 1. moons: distance against steps --------------------------------------------------------
+class MixtureDenoiser(nn.Module):
+    """The exact ε̂ of a Gaussian mixture, as a pipeline's network."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: diffkit.Schedule) -> None:
+        super().__init__()
+        self.predict = mixture.predict(schedule)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.predict(x_t, t)
+
+
+def moons_oracle() -> diffkit.Pipeline:
+    """Two moons as 200 Gaussians of std 0.05 (the data's noise) spaced π/99 apart along
+    the two half circles, with the exact denoiser: what the samplers do with no network
+    error. In data coordinates, on examples/moons.yaml's linear schedule."""
+    theta = torch.linspace(0, math.pi, 100, dtype=torch.float64)
+    upper = torch.stack([theta.cos(), theta.sin()], dim=1)
+    lower = torch.stack([1 - theta.cos(), 0.5 - theta.sin()], dim=1)
+    mixture = GaussianMixture(torch.cat([upper, lower]), 0.05)
+    schedule = diffkit.build("schedule", "linear", timesteps=1000)
+    return diffkit.Pipeline(schedule=schedule, denoiser=MixtureDenoiser(mixture, schedule), shape=(2,))
+
+
 def moons(args: argparse.Namespace) -> dict[str, Any]:
     registry = diffkit.get_registry()
     n = 1000 if args.quick else 5000
-    seeds = range(1 if args.quick else 3)
-    grid = [5, 10, 20] if args.quick else [5, 10, 20, 50, 100, 200, 1000]
+    seeds = range(1 if args.quick else args.seeds)
+    grid = [5, 10, 20] if args.quick else [5, 10, 20, 50, 200]
+    reference_steps = 20 if args.quick else 1000  # DDPM's, the yardstick
     train_steps = 100 if args.quick else None
     fresh = {k: registry.build("data", {"type": "moons", "n": n, "seed": 1000 + k}).x for k in seeds}
-    floor = statistics.mean(
-        sliced_wasserstein(registry.build("data", {"type": "moons", "n": n, "seed": 2000 + k}).x, fresh[k]) for k in seeds
+    floors = [sliced_wasserstein(registry.build("data", {"type": "moons", "n": n, "seed": 2000 + k}).x, fresh[k]) for k in seeds]
+    floor = statistics.mean(floors)
+    print(
+        f"\nmoons: SW2 of {n} samples to fresh data, mean ± standard error over {len(seeds)} seeds"
+        f" (sample seed k against data seed 1000 + k); two fresh draws: {floor:.4f} ± {_se(floors):.4f}"
     )
-    print(f"\nmoons: SW2 of {n} samples to fresh data, mean of {len(seeds)} seeds; two fresh draws: {floor:.4f}")
-    results: dict[str, Any] = {"n": n, "seeds": len(seeds), "floor": floor, "models": {}, "unclipped_eps_at_20": {}}
+    results: dict[str, Any] = {"n": n, "seeds": len(seeds), "floor": floor, "floor_se": _se(floors), "models": {}}
 
-    def distance(pipe: diffkit.Pipeline, sampler: dict[str, Any], steps: int) -> float:
-        return statistics.mean(sliced_wasserstein(pipe.sample(n, seed=k, sampler=sampler, steps=steps), fresh[k]) for k in seeds)
+    def distances(pipe: diffkit.Pipeline, sampler: dict[str, Any], steps: int) -> list[float]:
+        return [sliced_wasserstein(pipe.sample(n, seed=k, sampler=sampler, steps=steps), fresh[k]) for k in seeds]
 
     # The ε-network (examples/moons.yaml) needs x̂_0 clipped for the deterministic samplers:
     # its MLP's output is bounded (a LayerNorm before the last layer), so ε̂ cannot grow with
     # x_t beyond the few training points at |x_T| > 4, and a deterministic path started out
     # there runs away (an SDE's fresh noise hides it). ±3 is outside the standardised data.
-    models = (
-        ("ε (moons.yaml), x̂0 clipped to ±3", "moons.yaml", {"clip_denoised": 3.0}),
-        ("v (moons-ddim.yaml)", "moons-ddim.yaml", {}),
-    )
-    for label, spec, extra in models:
-        pipe = trained(ROOT / "examples" / spec, RUNS / (("quick-" if args.quick else "") + Path(spec).stem), train_steps)
-        table: dict[str, dict[int, float]] = {}
+    models: list[tuple[str, Any, dict[str, Any]]] = [
+        ("exact denoiser (mixture along the moons)", moons_oracle, {}),
+        ("ε-network (moons.yaml), x̂0 clipped to ±3", "moons.yaml", {"clip_denoised": 3.0}),
+        ("v-network (moons-ddim.yaml)", "moons-ddim.yaml", {}),
+    ]
+    for label, source, extra in models:
+        if callable(source):
+            pipe = source()
+        else:
+            pipe = trained(ROOT / "examples" / source, RUNS / (("quick-" if args.quick else "") + Path(source).stem), train_steps)
+        table: dict[str, dict[int, list[float]]] = {}
         for name in SAMPLERS:
             table[name] = {}
-            for steps in grid:
+            for steps in sorted(set(grid) | ({reference_steps} if name == "ddpm" else set())):
                 start = time.perf_counter()
-                table[name][steps] = d = distance(pipe, {"type": name, **(extra if name != "ddpm" else {})}, steps)
-                print(f"  {label:<34} {name:<10} {steps:>5} steps  SW2 {d:.4f}  ({time.perf_counter() - start:.0f} s)", flush=True)
-        ref = table["ddpm"][grid[-1]]
+                table[name][steps] = d = distances(pipe, {"type": name, **(extra if name != "ddpm" else {})}, steps)
+                print(
+                    f"  {label.split(' (')[0]:<15} {name:<10} {steps:>5} steps  SW2 {statistics.mean(d):.4f} ± {_se(d):.4f}"
+                    f"  ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+        ref = statistics.mean(table["ddpm"][reference_steps])
+        verdicts = {}
         for name in ("ddim", "dpm-solver"):
-            at20 = table[name][20]
+            at20 = statistics.mean(table[name][20])
+            verdicts[name] = at20 / ref
             verdict = "meets" if at20 <= 1.25 * ref else "misses"
-            print(f"  {label}: {name} at 20 steps is {at20 / ref:.2f}× {grid[-1]}-step DDPM ({verdict} the 1.25× goal)")
+            print(f"  {label}: {name} at 20 steps is {at20 / ref:.2f}× {reference_steps}-step DDPM ({verdict} the 1.25× goal)")
             if extra:
-                results["unclipped_eps_at_20"][name] = d = distance(pipe, {"type": name}, 20)
+                d = statistics.mean(distances(pipe, {"type": name}, 20))
+                verdicts[f"{name} unclipped"] = d / ref
                 print(f"  {label}: {name} at 20 steps without clipping: SW2 {d:.4f}")
-        results["models"][label] = table
-    plot_moons(results, grid, pictures(args) / "moons-steps.png")
+        results["models"][label] = {"table": table, "ratio_at_20": verdicts}
+    results["reference_steps"] = reference_steps
+    plot_moons(results, pictures(args) / "moons-steps.png")
     return results
 
 
-def plot_moons(results: dict[str, Any], grid: list[int], path: Path) -> None:
+def _se(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def plot_moons(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4), sharey=True, squeeze=False)
-    for ax, (label, table) in zip(axes[0], models.items()):
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4), sharey=True, squeeze=False)
+    for ax, (label, model) in zip(axes[0], models.items()):
+        table = model["table"]
         for name, marker in zip(SAMPLERS, "osD"):
-            ax.plot(grid, [table[name][s] for s in grid], marker=marker, label=name)
-        ax.axhline(1.25 * table["ddpm"][grid[-1]], color="grey", ls="--", lw=1, label=f"1.25 × DDPM-{grid[-1]}")
+            steps = sorted(table[name])
+            mean = [statistics.mean(table[name][s]) for s in steps]
+            se = [_se(table[name][s]) for s in steps]
+            ax.errorbar(steps, mean, yerr=se, marker=marker, label=name, color=f"C{SAMPLERS.index(name)}", capsize=2)
+        ref = results["reference_steps"]
+        ax.axhline(1.25 * statistics.mean(table["ddpm"][ref]), color="grey", ls="--", lw=1, label=f"1.25 × DDPM-{ref}")
         ax.axhline(results["floor"], color="grey", ls=":", lw=1, label="two data draws")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted(table["ddpm"]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("steps (network evaluations)")
-        ax.set_title(f"two moons, network predicts {label}")
+        ax.set_title(label, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel(f"sliced W2 to fresh data (n = {results['n']})")
+    axes[0][0].set_ylabel(f"two moons: sliced W2 to fresh data (n = {results['n']})")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,22 +218,31 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         "inpaint": {},
     }
     print(f"  {n} held-out digits: real {results['real']:.1%}; left half, right half blank {results['left_half_only']:.1%}")
-    # images in [−1, 1]: every sampler clips x̂_0 there, as examples/digits.yaml's DDPM does
-    configs = [("ddpm", None, 1), ("ddpm", 100, 1), ("ddpm", 100, 5), ("ddim", 50, 1), ("dpm-solver", 20, 1)]
+    # images in [−1, 1]: every sampler clips x̂_0 there, as examples/digits.yaml's DDPM does.
+    # (sampler, steps, resample, jump); RePaint's resampling with jumps is what ties the
+    # generated half to the known half.
+    configs = [
+        ("ddpm", 100, 1, 1),
+        ("ddim", 50, 1, 1),
+        ("dpm-solver", 20, 1, 1),
+        ("ddpm", 100, 20, 10),
+        ("ddim", 50, 10, 5),
+        ("dpm-solver", 20, 10, 4),
+    ]
     if args.quick:
-        configs = [(s, 10, 1) for s in SAMPLERS] + [("ddpm", 10, 2)]
+        configs = [(s, 10, 1, 1) for s in SAMPLERS] + [("ddpm", 10, 2, 2)]
     shown = None
-    for name, steps, resample in configs:
+    for name, steps, resample, jump in configs:
         start = time.perf_counter()
         sampler = {"type": name, "clip_denoised": 1.0}
-        out = A.inpaint(pipe, x, mask, sampler=sampler, steps=steps, seed=1, resample=resample, batch_size=250)
+        out = A.inpaint(pipe, x, mask, sampler=sampler, steps=steps, seed=1, resample=resample, jump=jump, batch_size=250)
         seconds = time.perf_counter() - start
         assert torch.equal(out[..., :4], x[..., :4])
         acc = accuracy(out)
-        key = f"{name}, {steps or pipe.schedule.T} steps" + (f", resample {resample}" if resample > 1 else "")
-        results["inpaint"][key] = {"accuracy": acc, "seconds": seconds, "nfe": (steps or pipe.schedule.T) * resample}
-        print(f"  inpaint right half, {key:<32} right digit {acc:.1%} (goal ≥ 70%)  {seconds:.0f} s", flush=True)
-        if shown is None:
+        key = f"{name}, {steps} steps" + (f", resample {resample}, jump {jump}" if resample > 1 else "")
+        results["inpaint"][key] = {"accuracy": acc, "seconds": seconds}
+        print(f"  inpaint right half, {key:<38} right digit {acc:.1%} (goal ≥ 70%)  {seconds:.0f} s", flush=True)
+        if resample > 1 and shown is None:
             shown = out
     k = 12
     diffkit.plotting.image_grid(torch.cat([x[:k], A.masked_view(x[:k], mask, fill=0.0), shown[:k]]), pictures(args) / "digits-inpaint.png", nrow=k)
@@ -198,16 +261,17 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     )
     diffkit.plotting.image_grid(torch.cat([x[:k], nearest[:k], up[:k]]), pictures(args) / "digits-upscale.png", nrow=k)
 
-    noisy = (x + 0.4 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
-    results["denoise"] = {"noisy": accuracy(noisy)}
+    noisy = x + 0.6 * torch.randn(x.shape, generator=g)
+    results["denoise"] = {"noisy": {"accuracy": accuracy(noisy), "mse": float((noisy - x).square().mean())}}
     rows = [x[:k], noisy[:k]]
-    for strength in (0.2, 0.4):
-        out = A.denoise(pipe, noisy, strength, sampler={"type": "ddim", "clip_denoised": 1.0}, steps=100, seed=3, batch_size=250)
-        results["denoise"][strength] = accuracy(out)
+    # noise of std 0.6 is the noise of x_t/√ᾱ_t at ᾱ = 1/(1 + 0.6²), t ≈ 170 of 1000: strength ≈ 0.17
+    for strength in (0.1, 0.3):
+        out = A.denoise(pipe, noisy, strength, sampler={"type": "ddim", "clip_denoised": 1.0}, steps=200, seed=3, batch_size=250)
+        results["denoise"][strength] = {"accuracy": accuracy(out), "mse": float((out - x).square().mean())}
         rows.append(out[:k])
     print(
-        f"  SDEdit on digits + N(0, 0.4²) noise: noisy {results['denoise']['noisy']:.1%}, strength 0.2"
-        f" {results['denoise'][0.2]:.1%}, strength 0.4 {results['denoise'][0.4]:.1%} judged right"
+        "  SDEdit on digits + N(0, 0.6²) noise, judged right (mean squared error to the clean digit): "
+        + ", ".join(f"{key if isinstance(key, str) else f'strength {key}'} {r['accuracy']:.1%} ({r['mse']:.3f})" for key, r in results["denoise"].items())
     )
     diffkit.plotting.image_grid(torch.cat(rows), pictures(args) / "digits-denoise.png", nrow=k)
     return results
@@ -218,6 +282,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of every section")
     parser.add_argument("--digits-run", help="a trained digits run (default: train examples/digits.yaml once)")
     parser.add_argument("--digits", type=int, default=300, help="held-out digits to inpaint (default 300)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds averaged on moons (default 8)")
     parser.add_argument("--skip-moons", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")

@@ -16,7 +16,7 @@ done in model space, where the pipeline standardises point data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,28 +130,40 @@ def _noised(pipe: Any, x0: Tensor, t: int, generator: torch.Generator) -> Tensor
 
 
 class _Reached(Exception):
-    """Stops a sampler after its first step (see :func:`_one_step`)."""
+    """Stops a sampler once it reaches a given timestep (see :func:`_advance`)."""
 
     def __init__(self, x: Tensor) -> None:
         self.x = x
 
 
-def _one_step(
-    pipe: Any, chosen: Sampler, x_t: Tensor, t: int, steps: int | None, generator: torch.Generator
+def _advance(
+    pipe: Any,
+    chosen: Sampler,
+    x_t: Tensor,
+    t: int,
+    until: int,
+    steps: int | None,
+    generator: torch.Generator,
+    constrain: Callable[[int, Tensor], Tensor],
 ) -> Tensor:
-    """One reverse step of ``chosen`` from x_t at timestep t, to the next timestep s the
-    sampler visits with these ``steps``: the sampler is started at (x_t, t) and stopped
-    by its callback at the first state it reaches, x_s, which is returned."""
+    """Run ``chosen`` from x_t at timestep t down to the state at timestep ``until`` (one of
+    the timesteps it visits with these ``steps``), applying ``constrain`` to every state
+    it reaches, and return that state: the sampler is started at (x_t, t) and stopped by
+    its callback, so any sampler can take a few of its steps."""
 
-    def stop(s: int, x: Tensor) -> None:
-        if s < t:
-            raise _Reached(x)
+    def callback(u: int, x_u: Tensor) -> Tensor | None:
+        if u >= t:
+            return None
+        x_u = constrain(u, x_u)
+        if u <= until:
+            raise _Reached(x_u)
+        return x_u
 
     try:
-        _run(pipe, chosen, tuple(x_t.shape), generator, steps, False, stop, x_start=x_t, t_start=t)
+        _run(pipe, chosen, tuple(x_t.shape), generator, steps, False, callback, x_start=x_t, t_start=t)
     except _Reached as reached:
         return reached.x
-    raise DiffkitError(f"the sampler {type(chosen).__name__} never reported a state after t = {t} to its callback")
+    raise DiffkitError(f"the sampler {type(chosen).__name__} never reported the state at t = {until} to its callback")
 
 
 # -- inpainting ------------------------------------------------------------------------------
@@ -164,6 +176,7 @@ def inpaint(
     steps: int | None = None,
     seed: int | None = None,
     resample: int = 1,
+    jump: int = 1,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -172,19 +185,23 @@ def inpaint(
 
     At every state x_t the sampler reaches, the known entries are replaced by a fresh
     draw of q(x_t | x_0) of the known data (Song et al. 2021, Sec. 5 and App. I.2;
-    Lugmayr et al. 2022, Eq. 8). With ``resample`` = r > 1, each step t → s is done r
-    times: after each but the last, the merged x_s is noised back to t by the forward
-    kernel q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 − ᾱ_t/ᾱ_s) I) and the step is taken
-    again, which lets the generated part agree with the known part (RePaint with jump
-    length 1; Lugmayr et al. 2022, Alg. 1). It costs r network evaluations per step.
+    Lugmayr et al. 2022, Eq. 8). Replacement alone leaves the generated part only
+    loosely tied to the known part; RePaint's resampling (Lugmayr et al. 2022, Alg. 1 and
+    Sec. 4.2) harmonises them: with ``resample`` = r > 1, after every ``jump`` = j steps
+    the merged state x_s is noised back j steps, to the timestep t' the sampler visited
+    j steps earlier, by the forward kernel q(x_{t'} | x_s) = N(√(ᾱ_{t'}/ᾱ_s) x_s,
+    (1 − ᾱ_{t'}/ᾱ_s) I), and those j steps are taken again (with replacement), r − 1
+    times. That costs about r times the network evaluations of the steps.
 
     ``x``: ``[N, *sample_shape]`` in data coordinates (the unknown entries' values are
     ignored); ``mask``: of ``x``'s shape or broadcastable to it (e.g. ``[1, H, W]`` for
     every channel of every image), values 0 or 1.
     """
     _check_steps(pipe, steps)
-    if int(resample) != resample or resample < 1:
-        raise DiffkitError(f"resample must be a whole number of at least 1, got {resample}")
+    for name, value in (("resample", resample), ("jump", jump)):
+        if int(value) != value or value < 1:
+            raise DiffkitError(f"{name} must be a whole number of at least 1, got {value}")
+    resample, jump = int(resample), int(jump)
     x = _batch(pipe, x, "the input")
     mask = torch.as_tensor(mask)
     if not ((mask == 0) | (mask == 1)).all():
@@ -204,24 +221,24 @@ def inpaint(
         for part in _chunks(x.shape[0], batch_size):
             x0 = _to_model(pipe, x[part].to(device))
             m = known[part].to(device)
-            previous: int | None = None  # the timestep of the last state seen
+            seen: list[int] = []  # the timesteps of the states the outer walk reached
 
             def merge(t: int, x_t: Tensor) -> Tensor:
                 return torch.where(m, _noised(pipe, x0, t, generator), x_t)
 
             def constrain(s: int, x_s: Tensor) -> Tensor:
-                nonlocal previous
                 x_s = merge(s, x_s)
-                t = previous
-                if t is not None and t > s:  # a step t → s was taken: redo it resample − 1 times
-                    for _ in range(int(resample) - 1):
-                        n = x_s.shape[0]
-                        a_t = pipe.schedule.alpha_bar(torch.full((n,), t, device=device), x_s)
-                        a_s = pipe.schedule.alpha_bar(torch.full((n,), s, device=device), x_s)
+                seen.append(s)
+                taken = len(seen) - 1  # steps taken so far
+                if resample > 1 and taken > 0 and (taken % jump == 0 or s < 0):
+                    back = seen[max(0, taken - jump)]
+                    n = x_s.shape[0]
+                    a_back = pipe.schedule.alpha_bar(torch.full((n,), back, device=device), x_s)
+                    a_s = pipe.schedule.alpha_bar(torch.full((n,), s, device=device), x_s)
+                    for _ in range(resample - 1):
                         noise = torch.randn(x_s.shape, generator=generator, device=device, dtype=x_s.dtype)
-                        x_t = D.q_sample(x_s, a_t / a_s, noise)  # q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 − ᾱ_t/ᾱ_s) I)
-                        x_s = merge(s, _one_step(pipe, chosen, x_t, t, steps, generator))
-                previous = s
+                        x_back = D.q_sample(x_s, a_back / a_s, noise)  # q(x_back | x_s)
+                        x_s = _advance(pipe, chosen, x_back, back, s, steps, generator, merge)
                 return x_s
 
             result = _run(pipe, chosen, tuple(x0.shape), generator, steps, progress, constrain)

@@ -20,7 +20,7 @@ L_{t−1} is formed at code t = 1..T−1 and L_0 decodes from code t = 0.
   Each term is estimated with one draw of x_t per example and timestep. β_t is the
   default because it is the tighter bound wherever the data is smooth at the scale of
   the noise: for Gaussian data and the exact denoiser it comes within 0.002 nats per
-  dimension of the true −log p at T = 1000, where β̃_t stays 0.45 above it
+  dimension of the true −log p at T = 1000, where β̃_t stays 0.46 above it
   (tests/test_likelihood.py); β̃_t can be the tighter one for nearly discrete data
   (Ho et al. 2020, Sec. 3.2, on the two extremes).
 - **L_0.** The decoder is N(x̂_0(x_{t=0}), β_0 I) (σ_1² = β_1 in the paper's count).

@@ -46,7 +46,9 @@ class DDIMParams(_FewStepParams):
         " the ancestral sampler's noise (σ² = β̃).",
     )
     steps: int | None = Field(
-        None, ge=1, description=f"Number of reverse steps (network evaluations); null takes {DDIM_DEFAULT_STEPS} or T if fewer."
+        None,
+        ge=1,
+        description=f"Number of reverse steps (network evaluations); null takes {DDIM_DEFAULT_STEPS}, or T if fewer.",
     )
 
 
@@ -56,7 +58,8 @@ class DPMSolverParams(_FewStepParams):
     steps: int | None = Field(
         None,
         ge=1,
-        description=f"Number of reverse steps (network evaluations); null takes {DPM_SOLVER_DEFAULT_STEPS} or T if fewer.",
+        description=f"Number of reverse steps (network evaluations); null takes {DPM_SOLVER_DEFAULT_STEPS},"
+        " or T if fewer.",
     )
     order: Literal[1, 2] = Field(
         2, description="2 is DPM-Solver++ 2M; 1 is its first-order step, which equals DDIM with η = 0."

@@ -93,7 +93,10 @@ def diffkit_objectives() -> list[Component]:
             "ε-prediction, L_simple (Ho et al. 2020).",
         ),
         Component(
-            "x0", lambda p, ctx: X0(min_snr_gamma=p.min_snr_gamma), X0Params, "x_0-prediction: the network denoises directly."
+            "x0",
+            lambda p, ctx: X0(min_snr_gamma=p.min_snr_gamma),
+            X0Params,
+            "x_0-prediction: the network denoises directly.",
         ),
         Component(
             "v", lambda p, ctx: V(min_snr_gamma=p.min_snr_gamma), VParams, "v-prediction (Salimans & Ho 2022)."

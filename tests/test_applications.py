@@ -35,8 +35,10 @@ class Oracle(nn.Module):
     def __init__(self, data: GaussianData, schedule: diffkit.Schedule) -> None:
         super().__init__()
         self.predict = data.predict(schedule)
+        self.calls = 0
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
         return self.predict(x_t, t)
 
 
@@ -72,12 +74,16 @@ def conditional(x1: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 # -- inpainting --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", SAMPLERS)
-@pytest.mark.parametrize("resample", [1, 2])
-def test_inpainting_keeps_the_known_pixels_exactly(images, name, resample):
+@pytest.mark.parametrize("resample, jump", [(1, 1), (2, 1), (3, 5)])
+def test_inpainting_keeps_the_known_pixels_exactly(images, name, resample, jump):
+    """Whatever the sampler and resampling, and at r × steps network evaluations (every
+    jump of j steps is walked r times)."""
     x = torch.rand(6, 1, 4, 4) * 2 - 1
     mask = torch.zeros(1, 4, 4)
     mask[..., :2] = 1  # the left half is known
-    out = A.inpaint(images, x, mask, sampler=name, steps=10, seed=0, resample=resample)
+    images.denoiser.calls = 0
+    out = A.inpaint(images, x, mask, sampler=name, steps=10, seed=0, resample=resample, jump=jump)
+    assert images.denoiser.calls == resample * 10
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.equal(out[..., :2], x[..., :2])
     assert not torch.equal(out[..., 2:], x[..., 2:])
@@ -97,15 +103,15 @@ def test_inpainting_points_in_data_coordinates(points):
         x_data = points.denormalize(x)
         mask = torch.tensor([1.0, 0.0])
         errors = {}
-        for resample in (1, 4):
-            out = A.inpaint(points, x_data, mask, sampler="ddpm", steps=50, seed=3, resample=resample)
+        for resample, jump in ((1, 1), (4, 1), (4, 5)):
+            out = A.inpaint(points, x_data, mask, sampler="ddpm", steps=50, seed=3, resample=resample, jump=jump)
             assert torch.equal(out[:, 0], x_data[:, 0])
             z2 = (out[:, 1] - points.data_mean[1]) / points.data_std[1]
             mean, var = conditional(x1[0, 0])
-            errors[resample] = abs(z2.double().mean().item() - mean.item())
+            errors[resample, jump] = abs(z2.double().mean().item() - mean.item())
             assert abs(z2.double().var().item() - var) < 0.15
-        assert errors[1] < 0.25
-        assert errors[4] < errors[1] and errors[4] < 0.1, errors
+        assert errors[1, 1] < 0.25
+        assert errors[4, 1] < errors[1, 1] and errors[4, 5] < errors[1, 1] and errors[4, 5] < 0.1, errors
     finally:
         points.data_mean = points.data_std = None
 
@@ -122,6 +128,7 @@ def test_inpainting_with_an_all_known_mask_returns_the_input(points):
         (torch.zeros(3, 2), torch.tensor([0.5, 1.0]), {}, "only 0"),
         (torch.zeros(3, 2), torch.ones(3), {}, "does not broadcast"),
         (torch.zeros(3, 2), torch.ones(2), {"resample": 0}, "resample"),
+        (torch.zeros(3, 2), torch.ones(2), {"jump": 1.5}, "jump"),
         (torch.zeros(3, 2), torch.ones(2), {"steps": 201}, "steps"),
         (torch.full((3, 2), float("nan")), torch.ones(2), {}, "NaN"),
     ],
@@ -301,7 +308,7 @@ def test_cli_inpaint_npy_and_png(capsys, digits_run, tmp_path):
     assert result.shape == (4, 1, 8, 8) and result.dtype == np.float32
     assert np.array_equal(result[..., :4], x.numpy()[..., :4])
     assert "inpainted 4 inputs" in out
-    code, _, err = run(capsys, *args, "--out", tmp_path / "out.png", "--steps", 5, "--sampler", "dpm-solver", "--resample", 2)
+    code, _, err = run(capsys, *args, "--out", tmp_path / "out.png", "--steps", 5, "--sampler", "dpm-solver", "--resample", 2, "--jump", 2)
     assert code == 0, err
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -362,6 +369,7 @@ def test_cli_denoise_and_upscale(capsys, digits_run, moons_run, tmp_path):
         ("inpaint", ["--mask", "MASK_BAD"], ["only 0"]),
         ("inpaint", ["--mask", "MASK_SHAPE"], ["does not broadcast"]),
         ("inpaint", ["--mask", "MASK", "--resample", "0"], ["--resample"]),
+        ("inpaint", ["--mask", "MASK", "--jump", "0"], ["--jump"]),
         ("inpaint", ["--mask", "MISSING.npy"], ["does not exist"]),
         ("denoise", ["--strength", "0"], ["strength must lie in (0, 1]"]),
         ("denoise", ["--strength", "1.5"], ["strength must lie in (0, 1]"]),

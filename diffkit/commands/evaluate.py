@@ -8,7 +8,7 @@ from typing import Any
 
 from diffkit.errors import DiffkitError
 
-FRESH_POINTS = 5000  # size of a fresh draw of point data when --n is not given
+FRESH_POINTS = 2000  # size of a fresh draw of point data when --n is not given
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -87,8 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resample",
         type=int,
         default=1,
-        help="do each step this many times, noising back in between (RePaint; costs that many times the steps)",
+        help="RePaint resampling: redo every --jump steps this many times, noising back in between"
+        " (costs about that many times the network evaluations; default 1, none)",
     )
+    p.add_argument("--jump", type=int, default=1, help="steps between RePaint's jumps back (default 1)")
     p.set_defaults(func=cmd_inpaint)
 
 
@@ -97,11 +99,13 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
     if args.resample < 1:
         raise DiffkitError(f"--resample must be at least 1, got {args.resample}")
+    if args.jump < 1:
+        raise DiffkitError(f"--jump must be at least 1, got {args.jump}")
 
     def apply(pipe: Any, common: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
         x = A.read_input(args.input, channels(pipe))
         mask = A.read_mask(args.mask, channels(pipe))
-        result = A.inpaint(pipe, x, mask, resample=args.resample, **common)
+        result = A.inpaint(pipe, x, mask, resample=args.resample, jump=args.jump, **common)
         shown = A.masked_view(x, mask) if pipe.context.data_kind == "images" else None
         return result, shown
 
