@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of score matching, the Langevin samplers and the variational bound.
 
-    python benchmarks/bench_score.py                       # full run (see README-score.md for timings)
+    python benchmarks/bench_score.py                       # full run (timings in benchmarks/README.md)
     python benchmarks/bench_score.py --quick               # a smoke run of every section
     python benchmarks/bench_score.py --digits-run runs/digits   # judge an existing digits run
 

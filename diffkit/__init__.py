@@ -19,6 +19,8 @@ from diffkit.interfaces import (
     Schedule,
     StepCallback,
     TensorData,
+    initial_state,
+    report,
 )
 from diffkit.plugins import get_registry, load_plugins, set_registry
 from diffkit.registry import Component, Params, Registry
@@ -65,7 +67,9 @@ __all__ = [
     "build",
     "get_registry",
     "hookimpl",
+    "initial_state",
     "load_plugins",
+    "report",
     "set_registry",
     "__version__",
 ]

@@ -33,6 +33,8 @@ __all__ = [
     "Objective",
     "Predict",
     "StepCallback",
+    "initial_state",
+    "report",
     "Sampler",
     "Guidance",
     "CondPredict",
@@ -49,6 +51,31 @@ Predict = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor], "Tensor | None"]
 """``callback(t, x_t)``: called by a sampler with each state it reaches (t = −1: clean);
 a returned tensor replaces the state."""
+
+
+def initial_state(
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    x_start: Tensor | None = None,
+) -> Tensor:
+    """The state a sampler starts from: ``x_start`` (moved to ``device`` and ``dtype``) when
+    given, e.g. a partly noised input, otherwise a draw of the prior N(0, I) of ``shape``."""
+    if x_start is None:
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    return x_start.to(device=device, dtype=dtype)
+
+
+def report(callback: StepCallback | None, t: int, x: Tensor) -> Tensor:
+    """Show the state x_t a sampler reached to its callback; return the callback's
+    replacement if it gave one, otherwise ``x``. Samplers call it with every state they
+    reach, t = −1 for the clean result."""
+    if callback is None:
+        return x
+    new = callback(t, x)
+    return x if new is None else new
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 Spacing = Literal["linspace", "leading", "trailing"]

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, StepCallback, hookimpl
+from diffkit import Component, Params, Predict, Schedule, StepCallback, hookimpl, initial_state, report
 from diffkit import diffusion as D
 
 DDIM_DEFAULT_STEPS = 50
@@ -66,22 +66,6 @@ class DPMSolverParams(_FewStepParams):
     )
 
 
-def _start(
-    shape: Sequence[int],
-    generator: torch.Generator | None,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    x_start: Tensor | None,
-) -> Tensor:
-    if x_start is None:
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    return x_start.to(device=device, dtype=dtype)
-
-
-def _replace(x: Tensor, new: Tensor | None) -> Tensor:
-    return x if new is None else new
-
-
 def _denoise(eps: Tensor, x: Tensor, abar_t: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
     """x̂_0 from ε̂, clipped to [−c, c] if asked, and the ε̂ consistent with the clipped x̂_0."""
     x0 = D.eps_to_x0(eps, x, abar_t)
@@ -123,10 +107,9 @@ class DDIM:
         steps = steps or p.steps or min(schedule.T, DDIM_DEFAULT_STEPS)
         ts = schedule.timesteps(steps, p.spacing, start=t_start)
         abar = schedule.alphas_cumprod.tolist()
-        x = _start(shape, generator, device, dtype, x_start)
+        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
         n = x.shape[0]
-        if callback is not None:
-            x = _replace(x, callback(ts[0], x))
+        x = report(callback, ts[0], x)
         for i, t in enumerate(tqdm(ts, desc="ddim", disable=not progress, leave=False)):
             s = ts[i + 1] if i + 1 < len(ts) else -1
             a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
@@ -137,8 +120,7 @@ class DDIM:
             if var > 0:
                 z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
                 x = x.add_(z, alpha=math.sqrt(var))
-            if callback is not None:
-                x = _replace(x, callback(s, x))
+            x = report(callback, s, x)
         return x
 
 
@@ -177,10 +159,9 @@ class DPMSolver:
         steps = steps or p.steps or min(schedule.T, DPM_SOLVER_DEFAULT_STEPS)
         ts = schedule.timesteps(steps, p.spacing, start=t_start)
         abar = schedule.alphas_cumprod.tolist()
-        x = _start(shape, generator, device, dtype, x_start)
+        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
         n = x.shape[0]
-        if callback is not None:
-            x = _replace(x, callback(ts[0], x))
+        x = report(callback, ts[0], x)
         x0_prev: Tensor | None = None
         h_prev = 0.0
         for i, t in enumerate(tqdm(ts, desc="dpm-solver", disable=not progress, leave=False)):
@@ -201,8 +182,7 @@ class DPMSolver:
                 coef = math.sqrt(a_s) * -math.expm1(-h)  # α_s (1 − e^{−h})
                 x = d.mul(coef).add_(x, alpha=math.sqrt((1.0 - a_s) / (1.0 - a_t)))
                 x0_prev, h_prev = x0, h
-            if callback is not None:
-                x = _replace(x, callback(s, x))
+            x = report(callback, s, x)
         return x
 
 

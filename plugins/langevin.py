@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, DiffkitError, Params, Predict, Schedule, StepCallback, hookimpl
+from diffkit import Component, DiffkitError, Params, Predict, Schedule, StepCallback, hookimpl, initial_state, report
 from diffkit import diffusion as D
 
 __all__ = ["SGLD", "SGLDParams", "PredictorCorrector", "PCParams", "noise_levels", "step_sizes", "StepSizeError"]
@@ -169,13 +169,9 @@ class SGLD:
         ts = noise_levels(schedule, steps or p.steps, p.spacing, start=t_start)
         etas = step_sizes(schedule, ts, p.epsilon)
         _check_eta(etas[0], p.epsilon, schedule, ts)
-        if x_start is None:
-            x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-        else:
-            x = x_start.to(device=device, dtype=dtype)
+        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
         n = x.shape[0]
-        if callback is not None:
-            x = _replace(x, callback(ts[0], x))
+        x = report(callback, ts[0], x)
         t_vec = abar = None
         bar = tqdm(total=len(ts) * p.steps_per_level, desc="sgld", disable=not progress, leave=False)
         for t, eta in zip(ts, etas):
@@ -186,14 +182,12 @@ class SGLD:
                 score = D.eps_to_score(predict(x, t_vec), abar)
                 z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
                 x = torch.add(x, score, alpha=half).add_(z, alpha=root)
-                if callback is not None:
-                    x = _replace(x, callback(t, x))
+                x = report(callback, t, x)
                 bar.update()
         bar.close()
         if p.denoise:  # Tweedie: E[x_0 | x_t] = (x_t + σ_t² ∇log p_t(x_t))/√ᾱ_t
             x = D.eps_to_x0(predict(x, t_vec), x, abar)
-        if callback is not None:
-            x = _replace(x, callback(-1, x))
+        x = report(callback, -1, x)
         return x
 
 
@@ -290,13 +284,9 @@ class PredictorCorrector:
         abar_to = schedule.alpha_bar(torch.tensor(nxt), like)
         c0, ct, var = (v.tolist() for v in D.posterior_coefficients(abar_from, abar_to))
         alphas = schedule.alphas.tolist()
-        if x_start is None:
-            x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-        else:
-            x = x_start.to(device=device, dtype=dtype)
+        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
         n = x.shape[0]
-        if callback is not None:
-            x = _replace(x, callback(ts[0], x))
+        x = report(callback, ts[0], x)
         t_vec = torch.full((n,), ts[0], device=device, dtype=torch.long)
         abar_t = schedule.alpha_bar(t_vec, x)
         for i, (t, s) in enumerate(tqdm(list(zip(ts, nxt)), desc="pc", disable=not progress, leave=False)):
@@ -304,13 +294,11 @@ class PredictorCorrector:
             x0 = D.eps_to_x0(predict(x, t_vec), x, abar_t)
             x = torch.add(x0.mul_(c0[i]), x, alpha=ct[i])
             if s < 0:
-                if callback is not None:
-                    x = _replace(x, callback(s, x))
+                x = report(callback, s, x)
                 break
             z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
             x.add_(z, alpha=math.sqrt(var[i]))
-            if callback is not None:
-                x = _replace(x, callback(s, x))
+            x = report(callback, s, x)
             t_vec = torch.full((n,), s, device=device, dtype=torch.long)
             abar_t = schedule.alpha_bar(t_vec, x)
             # corrector: Langevin steps targeting p_s, step size from the signal-to-noise ratio
@@ -320,13 +308,8 @@ class PredictorCorrector:
                 ratio = z.flatten(1).norm(dim=1).mean() / g.flatten(1).norm(dim=1).mean()
                 step = (2.0 * alphas[s]) * (p.snr * ratio).square()
                 x = x.addcmul(g, step).addcmul_(z, (2.0 * step).sqrt())
-                if callback is not None:
-                    x = _replace(x, callback(s, x))
+                x = report(callback, s, x)
         return x
-
-
-def _replace(x: Tensor, new: Tensor | None) -> Tensor:
-    return x if new is None else new
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import BuildContext, Component, Params, Predict, Schedule, StepCallback, hookimpl
+from diffkit import Component, Params, Predict, Schedule, StepCallback, hookimpl, initial_state, report
 
 
 class DDPMParams(Params):
@@ -62,13 +62,9 @@ class DDPM:
         p = self.params
         ts = schedule.timesteps(p.steps if steps is None else steps, p.spacing, start=t_start)
         abar = schedule.alphas_cumprod.tolist()
-        if x_start is None:
-            x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-        else:
-            x = x_start.to(device=device, dtype=dtype)
+        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
         n = x.shape[0]
-        if callback is not None:
-            x = _replace(x, callback(ts[0], x))
+        x = report(callback, ts[0], x)
         for i, t in enumerate(tqdm(ts, desc="ddpm", disable=not progress, leave=False)):
             s = ts[i + 1] if i + 1 < len(ts) else -1
             a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
@@ -86,13 +82,8 @@ class DDPM:
                 var = beta_ts if p.variance == "beta" else (1.0 - a_s) / (1.0 - a_t) * beta_ts
                 z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
                 x = x.add_(z, alpha=math.sqrt(var))
-            if callback is not None:
-                x = _replace(x, callback(s, x))
+            x = report(callback, s, x)
         return x
-
-
-def _replace(x: Tensor, new: Tensor | None) -> Tensor:
-    return x if new is None else new
 
 
 @hookimpl
