@@ -119,7 +119,9 @@ def get_registry() -> Registry:
     return _registry
 
 
-def set_registry(registry: Registry | None) -> None:
-    """Replace the process-wide registry (``None`` reloads it on next use)."""
+def set_registry(registry: Registry | None) -> Registry | None:
+    """Replace the process-wide registry (``None`` reloads it on next use); returns the
+    one it replaced, so that it can be put back."""
     global _registry
-    _registry = registry
+    previous, _registry = _registry, registry
+    return previous

@@ -1,0 +1,54 @@
+"""Registering plugins for one test: an isolated registry and a plugin registered only
+inside a ``with`` block. :mod:`diffkit.testing.pytest_plugin` offers both as fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from diffkit.plugins import load_plugins, set_registry
+from diffkit.registry import Entry, Registry
+
+__all__ = ["isolated_registry", "registered"]
+
+
+@contextmanager
+def isolated_registry(*, builtins: bool = True) -> Iterator[Registry]:
+    """A fresh registry made the process-wide one inside the block, the previous one
+    restored after it.
+
+    With ``builtins`` it holds diffkit's built-in components only: autoloading is off,
+    and the ``DIFFKIT_*`` environment variables are ignored, so no other installed
+    plugin can change what a test sees. Without, it is empty."""
+    registry = (
+        load_plugins(autoload=False, include=(), block=(), block_builtins=(), strict=True) if builtins else Registry()
+    )
+    previous = set_registry(registry)
+    try:
+        yield registry
+    finally:
+        set_registry(previous)
+
+
+@contextmanager
+def registered(
+    plugin: object,
+    name: str | None = None,
+    *,
+    registry: Registry | None = None,
+    distribution: str | None = None,
+    version: str | None = None,
+) -> Iterator[list[Entry]]:
+    """Register ``plugin`` (a module or object with ``@diffkit.hookimpl`` functions) in
+    ``registry`` (default: the process-wide one) for the duration of the block, and yield
+    the components it contributed; it is unregistered afterwards, even if the block
+    fails. Registration problems raise :class:`~diffkit.PluginError` as they would at
+    load time."""
+    from diffkit.plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
+    info = registry.register_plugin(plugin, name, distribution=distribution, version=version)
+    try:
+        yield [e for kind in registry.entries for e in registry.entries[kind] if e.plugin == info.name]
+    finally:
+        registry.unregister_plugin(info.name)
