@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed plugins and their components")
     p.add_argument("--json", action="store_true", help="print one JSON object per component instead of a table")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if a plugin fails to import, two components share a name, a hook has no matching hookspec,"
+        " or the spec schema cannot be built (for plugin authors' CI)",
+    )
     add_plugin_options(p)
     p.set_defaults(func=cmd_plugins)
 
@@ -140,6 +146,8 @@ def _version() -> str:
 # -- commands ------------------------------------------------------------------------------
 def cmd_plugins(args: argparse.Namespace) -> int:
     registry = load_registry(args)
+    if args.check:
+        return _check_plugins(registry, as_json=args.json)
     rows = list(registry.rows())
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -153,6 +161,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for r in rows:
         if r["status"] == "failed":
             print(f"\nplugin '{r['plugin']}' failed: {r.get('error')}")
+    return 0
+
+
+def _check_plugins(registry: Registry, *, as_json: bool) -> int:
+    """``diffkit plugins --check``: every problem on its own line, exit 1 if there is any."""
+    from diffkit.plugins import check_plugins
+
+    problems = check_plugins(registry)
+    if as_json:
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+        return 1 if problems else 0
+    for problem in problems:
+        print(f"problem: {problem}")
+    loaded = sum(p.status == "loaded" for p in registry.plugins)
+    components = sum(len(registry.all(kind)) for kind in registry.entries)
+    if problems:
+        print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found")
+        return 1
+    print(f"ok: {loaded} plugins loaded, {components} components, the spec schema builds")
     return 0
 
 
