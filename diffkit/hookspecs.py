@@ -6,6 +6,10 @@ exposed through an entry point in the group ``diffkit``::
 
     [project.entry-points.diffkit]
     my-plugin = "my_package.plugin"
+
+and declares the version of this API it was written for::
+
+    DIFFKIT_API_VERSION = 1
 """
 
 from __future__ import annotations
@@ -14,7 +18,17 @@ import pluggy
 
 PROJECT = "diffkit"
 API_VERSION = 1
-"""Version of this hook API; bumped when a hook's contract changes incompatibly."""
+"""Version of this hook API; bumped when a hook's contract changes incompatibly.
+
+A plugin module declares the version it was written for as ``DIFFKIT_API_VERSION = 1``;
+one declaring a version this diffkit cannot load is refused with a message naming both
+versions, instead of failing somewhere inside its hooks."""
+
+COMPATIBLE_API_VERSIONS: frozenset[int] = frozenset({1})
+"""The versions whose plugins this diffkit loads (the current one, and older ones that
+still work unchanged)."""
+
+API_VERSION_ATTRIBUTE = "DIFFKIT_API_VERSION"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
 from diffkit.errors import PluginError
-from diffkit.registry import PluginInfo, Registry
+from diffkit.registry import KINDS, Entry, PluginInfo, Registry
 
-__all__ = ["ENTRY_POINT_GROUP", "load_plugins", "get_registry", "set_registry"]
+__all__ = ["ENTRY_POINT_GROUP", "load_plugins", "check_plugins", "get_registry", "set_registry"]
 
 ENTRY_POINT_GROUP = "diffkit"
 BUILTIN_DISTRIBUTION = "diffkit"
@@ -99,7 +99,7 @@ def load_plugins(
             plugin = ep.load()
             registry.register_plugin(plugin, ep.name, distribution=dist, version=version, builtin=builtin)
         except Exception as exc:  # isolation: one broken plugin must not take the rest down
-            message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+            message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}{_import_hint(exc)}"
             if strict:
                 raise PluginError(
                     f"plugin '{ep.name}' from {dist or 'an unknown distribution'} {version or ''} failed to load"
@@ -109,6 +109,58 @@ def load_plugins(
             info.traceback = traceback.format_exc()  # type: ignore[attr-defined]
             registry.plugins.append(info)
     return registry
+
+
+def _import_hint(exc: Exception) -> str:
+    """A hint for a plugin that fails importing something from diffkit: it was most
+    likely written for another version of diffkit."""
+    missing = getattr(exc, "name", None) or ""
+    if not (isinstance(exc, ImportError) and (missing == "diffkit" or missing.startswith("diffkit."))):
+        return ""
+    from diffkit import __version__
+    from diffkit.hookspecs import API_VERSION
+
+    return (
+        f" (the plugin needs something this diffkit {__version__}, plugin API version {API_VERSION}, does not have;"
+        " it may have been written for a newer diffkit)"
+    )
+
+
+def check_plugins(registry: Registry) -> list[str]:
+    """Every problem a plugin author's CI should fail on, one message each: plugins that
+    failed to load (import errors, failing hooks, hooks with no matching hookspec, an
+    incompatible plugin API version), components of one kind sharing a name, Params
+    models without a JSON Schema, and a spec schema that cannot be built."""
+    problems = [
+        f"plugin '{p.name}' ({' '.join(v for v in (p.distribution, p.version) if v) or 'no distribution'})"
+        f" failed to load: {p.error}"
+        for p in registry.failed()
+    ]
+    for kind in KINDS:
+        by_name: dict[str, list[Entry]] = {}
+        for entry in registry.all(kind):
+            by_name.setdefault(entry.name, []).append(entry)
+        for name, entries in by_name.items():
+            if len(entries) > 1:
+                problems.append(
+                    f"{kind} '{name}' is provided by more than one plugin: {'; '.join(e.source for e in entries)}."
+                    f" Specs must then use a qualified name ({', '.join(e.qualified for e in entries)}); rename one"
+                )
+        for entry in registry.all(kind):
+            try:
+                entry.component.params.model_json_schema()
+            except Exception as exc:  # pydantic raises several kinds for types it cannot describe
+                problems.append(
+                    f"{kind} '{entry.name}' of {entry.source}: the JSON Schema of its Params model cannot be built:"
+                    f" {type(exc).__name__}: {exc}"
+                )
+    from diffkit.spec import json_schema
+
+    try:
+        json_schema(registry)
+    except Exception as exc:  # whatever stops the spec model from being built
+        problems.append(f"the spec schema of the installed components cannot be built: {type(exc).__name__}: {exc}")
+    return problems
 
 
 def get_registry() -> Registry:

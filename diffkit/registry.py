@@ -115,10 +115,14 @@ class Registry:
                 f"a plugin named '{name}' is already registered"
                 f" (from {self._plugin_info(name).distribution or 'Python'}); plugin names must be unique"
             )
+        _check_api_version(plugin, name, distribution, version)
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy validates hook signatures here
-            raise PluginError(f"plugin '{name}' could not be registered: {exc}") from exc
+            raise PluginError(
+                f"plugin '{name}' could not be registered: {exc} (this diffkit provides plugin API version"
+                f" {hookspecs.API_VERSION}; a plugin written for another version may implement its hooks differently)"
+            ) from exc
         new: list[Entry] = []
         try:
             # pluggy accepts a hookimpl with no matching hookspec; a misspelt hook would
@@ -297,6 +301,32 @@ class Registry:
                     "status": p.status,
                     "error": p.error,
                 }
+
+
+def _check_api_version(plugin: object, name: str, distribution: str | None, version: str | None) -> None:
+    """Refuse a plugin that declares a plugin API version this diffkit cannot load."""
+    declared = getattr(plugin, hookspecs.API_VERSION_ATTRIBUTE, None)
+    if declared is None or (isinstance(declared, int) and declared in hookspecs.COMPATIBLE_API_VERSIONS):
+        return
+    source = f" ({' '.join(v for v in (distribution, version) if v)})" if distribution else ""
+    if not isinstance(declared, int) or isinstance(declared, bool):
+        raise PluginError(
+            f"plugin '{name}'{source} sets {hookspecs.API_VERSION_ATTRIBUTE} = {declared!r}; it must be an integer"
+            f" such as {hookspecs.API_VERSION}"
+        )
+    from diffkit import __version__
+
+    supported = ", ".join(str(v) for v in sorted(hookspecs.COMPATIBLE_API_VERSIONS))
+    newer = declared > hookspecs.API_VERSION
+    advice = (
+        "upgrade diffkit (pip install -U diffkit) to one that provides it"
+        if newer
+        else "install a release of the plugin written for the current API"
+    )
+    raise PluginError(
+        f"plugin '{name}'{source} was written for diffkit plugin API version {declared}, but diffkit {__version__}"
+        f" loads plugins of API version {supported}; {advice}"
+    )
 
 
 def _new_plugin_manager() -> pluggy.PluginManager:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, create_model
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
@@ -46,6 +46,7 @@ from diffkit.errors import ComponentLookupError, SpecError
 from diffkit.interfaces import BuildContext
 from diffkit.plugins import get_registry
 from diffkit.registry import KINDS, Registry
+from diffkit.requirements import requirement_problem
 
 try:  # Python 3.11+
     import tomllib
@@ -113,11 +114,24 @@ class TrainConfig(BaseModel):
     )
 
 
+def _installed(requirement: str) -> str:
+    """One entry of ``requires:``, met by the installed distributions."""
+    problem = requirement_problem(requirement)
+    if problem is not None:
+        raise PydanticCustomError("requirement", problem)
+    return requirement
+
+
 class Spec(BaseModel):
     """Base of the spec model; the component sections are added from the registry."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    requires: list[Annotated[str, AfterValidator(_installed)]] = Field(
+        default_factory=list,
+        description="Distributions the spec needs, as pip requirements (e.g. 'diffkit-sigmoid>=0.2'), each"
+        " checked against the installed ones; name the plugins that provide its components here.",
+    )
     seed: int = Field(0, description="Seed of every random draw in training.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
 
@@ -524,7 +538,9 @@ def load_spec(spec: str | Path | Mapping[str, Any] | Spec, registry: Registry | 
 def to_dict(spec: Spec) -> dict[str, Any]:
     """The spec as plain data, each section's ``type`` first (nested sections' too)."""
     raw = spec.model_dump(mode="json")
-    out: dict[str, Any] = {"seed": raw.pop("seed")}
+    requires = raw.pop("requires")
+    out: dict[str, Any] = {"requires": requires} if requires else {}
+    out["seed"] = raw.pop("seed")
     for section, kind in SECTIONS.items():
         out[section] = _type_first(raw.pop(section), getattr(spec, section))
     out.update(raw)
