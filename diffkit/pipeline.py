@@ -36,6 +36,7 @@ from diffkit.interfaces import (
 )
 from diffkit.plugins import get_registry
 from diffkit.registry import Registry
+from diffkit.requirements import check_requirements
 from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, iter_sections, load_spec, using_registry, validate_spec
 from diffkit.train import EMA, ClassifierResult, TrainResult, resolve_device, train, train_classifier
 
@@ -81,9 +82,12 @@ class Pipeline:
         shape: tuple[int, ...] | None = None,
         train: Mapping[str, Any] | TrainConfig | None = None,
         seed: int = 0,
+        requires: Sequence[str] = (),
         registry: Registry | None = None,
         _context: BuildContext | None = None,
     ) -> None:
+        check_requirements(requires)
+        self.requires = tuple(requires)
         self.registry = registry or get_registry()
         self.seed = seed
         self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(train or {})
@@ -120,6 +124,7 @@ class Pipeline:
             data=spec.data,
             train=spec.train,
             seed=spec.seed,
+            requires=spec.requires,
             registry=registry,
             _context=context,
         )
@@ -165,6 +170,8 @@ class Pipeline:
     def spec(self) -> Spec:
         """The spec of this pipeline; ``Pipeline.from_spec(pipe.spec)`` builds an equivalent one."""
         body: dict[str, Any] = {"seed": self.seed, "train": self.train_config.model_dump(mode="json")}
+        if self.requires:
+            body["requires"] = list(self.requires)
         if self._data_config is None:
             raise DiffkitError(
                 "this pipeline's data was given as an object, not a spec section, so it has no spec;"
