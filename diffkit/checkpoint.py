@@ -2,24 +2,45 @@
 
 Every file is written atomically (temporary file, fsync, rename), so a crash while
 saving leaves the previous file whole. Nothing is ever unpickled.
+
+Training checkpoints (:class:`CheckpointDir`) are pairs ``step-00000100.safetensors`` +
+``step-00000100.json``: the tensors first, then the JSON, which records the tensors'
+size and SHA-256. A checkpoint counts only once its JSON exists and the tensors match
+it, so one cut short by a crash (or damaged later) is recognised and passed over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffkit.errors import DiffkitError
 
-__all__ = ["atomic_write", "write_text", "write_json", "save_tensors", "load_tensors", "read_json"]
+__all__ = [
+    "atomic_write",
+    "write_text",
+    "write_json",
+    "save_tensors",
+    "load_tensors",
+    "read_json",
+    "TrainingCheckpoint",
+    "CheckpointDir",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "diffkit-train-checkpoint-1"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -82,3 +103,127 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DiffkitError(f"{path} is not a readable safetensors file ({exc}); the file is damaged or truncated") from None
+
+
+# -- training checkpoints ----------------------------------------------------------------
+_NAME = re.compile(r"^step-(\d{8,})\.(safetensors|json)$")
+
+
+@dataclass
+class TrainingCheckpoint:
+    """One checkpoint read back whole: its tensors and its JSON state."""
+
+    path: Path
+    """The checkpoint's JSON file (its tensors lie beside it, ``.safetensors``)."""
+    step: int
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+class CheckpointDir:
+    """The checkpoints of one training run in ``directory``, the newest ``keep`` of them kept."""
+
+    def __init__(self, directory: str | Path, keep: int) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def _pairs(self) -> dict[int, set[str]]:
+        found: dict[int, set[str]] = {}
+        if self.directory.is_dir():
+            for entry in self.directory.iterdir():
+                m = _NAME.match(entry.name)
+                if m:
+                    found.setdefault(int(m.group(1)), set()).add(m.group(2))
+        return found
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoints whose JSON was written (complete unless damaged), newest first."""
+        return sorted((step for step, parts in self._pairs().items() if "json" in parts), reverse=True)
+
+    def exists(self) -> bool:
+        """Whether any checkpoint, complete or not, is here."""
+        return bool(self._pairs())
+
+    def paths(self, step: int) -> tuple[Path, Path]:
+        """The tensors and JSON files of the checkpoint of ``step``."""
+        stem = self.directory / f"step-{step:08d}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+    def write(self, step: int, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` (tensors, then the JSON that vouches for them),
+        then delete all but the newest ``keep``. Returns the JSON's path."""
+        tensor_path, json_path = self.paths(step)
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        blob = safetensors.torch.save(flat, metadata={"format": CHECKPOINT_FORMAT})
+        atomic_write(tensor_path, lambda p: p.write_bytes(blob))
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "tensors": {"file": tensor_path.name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+            **state,
+        }
+        write_json(json_path, record)
+        self._prune()
+        return json_path
+
+    def _prune(self) -> None:
+        for step in self.steps()[self.keep :]:
+            tensor_path, json_path = self.paths(step)
+            json_path.unlink(missing_ok=True)  # first: a half-deleted checkpoint is an incomplete one
+            tensor_path.unlink(missing_ok=True)
+
+    def read(self, step: int) -> TrainingCheckpoint:
+        """The checkpoint of ``step``; a :class:`DiffkitError` naming the file if it is
+        missing, truncated or otherwise damaged."""
+        tensor_path, json_path = self.paths(step)
+        try:
+            state = json.loads(json_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DiffkitError(f"{json_path} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DiffkitError(f"{json_path} is not valid JSON ({exc}); it is truncated or damaged") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("step") != step:
+            raise DiffkitError(f"{json_path} is not a diffkit training checkpoint of step {step}")
+        expected = state.get("tensors", {})
+        try:
+            blob = tensor_path.read_bytes()
+        except FileNotFoundError:
+            raise DiffkitError(f"{tensor_path} is missing") from None
+        if len(blob) != expected.get("bytes") or hashlib.sha256(blob).hexdigest() != expected.get("sha256"):
+            raise DiffkitError(
+                f"{tensor_path} is damaged: {len(blob)} bytes whose SHA-256 does not match the"
+                f" {expected.get('bytes')} bytes recorded in {json_path.name} (truncated or overwritten)"
+            )
+        try:
+            tensors = safetensors.torch.load(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise DiffkitError(f"{tensor_path} is not a readable safetensors file ({exc})") from None
+        return TrainingCheckpoint(json_path, step, tensors, state)
+
+    def latest(self, warn: Callable[[str], None]) -> TrainingCheckpoint | None:
+        """The newest checkpoint that reads back whole; each damaged one passed over is
+        reported through ``warn`` by name, and left in place."""
+        for step in self.steps():
+            try:
+                return self.read(step)
+            except DiffkitError as exc:
+                warn(f"checkpoint {self.paths(step)[1].stem} cannot be used: {exc}; trying the one before")
+        return None
+
+    def clear(self) -> None:
+        """Delete every checkpoint here (and temporary files of interrupted writes)."""
+        if not self.directory.is_dir():
+            return
+        for entry in self.directory.iterdir():
+            if _NAME.match(entry.name) or (entry.name.startswith(".step-") and entry.name.endswith(".tmp")):
+                entry.unlink(missing_ok=True)
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files of writes a crash interrupted."""
+        if self.directory.is_dir():
+            for entry in self.directory.glob(".step-*.tmp"):
+                entry.unlink(missing_ok=True)

@@ -85,7 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override train.device")
-    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out, or start an unfinished one over")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest readable checkpoint, exactly where it stopped"
+        " (a finished run goes on to a larger --steps)",
+    )
+    p.add_argument(
+        "--allow-spec-change",
+        action="store_true",
+        help="with --resume, accept a spec that differs from the checkpoint's in settings that may change"
+        " (more steps, another lr, ...)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_plugin_options(p)
     p.set_defaults(func=cmd_train)
@@ -204,35 +216,65 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffkit import plotting
-    from diffkit.pipeline import SPEC_FILE, Pipeline
+    from diffkit import distributed, plotting
+    from diffkit.checkpoint import CheckpointDir
+    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, Pipeline
 
     registry = load_registry(args)
     out = Path(args.out)
+    writer = distributed.env_rank() == 0  # under torchrun, rank 0 alone writes
     if out.exists() and not out.is_dir():
         raise DiffkitError(f"--out {out} exists and is not a directory")
-    if (out / SPEC_FILE).exists() and not args.force:
-        raise DiffkitError(f"{out} already holds a finished run; choose another --out or pass --force to overwrite it")
+    if args.resume and args.force:
+        raise DiffkitError("--resume continues the run in --out and --force starts it over; pass one of them")
+    if args.allow_spec_change and not args.resume:
+        raise DiffkitError("--allow-spec-change goes with --resume")
+    if (out / SPEC_FILE).exists() and not (args.force or args.resume):
+        raise DiffkitError(
+            f"{out} already holds a finished run; choose another --out, pass --force to overwrite it, or --resume"
+            " with more --steps to train it further"
+        )
+    checkpoints = CheckpointDir(out / CHECKPOINTS_DIR, keep=1)
+    if checkpoints.exists() and not (args.force or args.resume):
+        raise DiffkitError(
+            f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --force to start over"
+        )
     pipe = Pipeline.from_spec(args.spec, registry)
     overrides: dict[str, Any] = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.device is not None:
         overrides["device"] = args.device
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    result = pipe.fit(out=out, progress=not args.no_progress, **_validated_overrides(overrides))
-    pipe.save(out)
-    written = ["spec.yaml", "denoiser.safetensors", "meta.json", "metrics.jsonl"]
-    if result.history:
-        plotting.loss_curve(result.history, out / "loss.png")
-        written.append("loss.png")
-    if pipe.train_config.preview > 0:
-        _preview(pipe, out / "samples.png", pipe.train_config.preview, progress=not args.no_progress)
-        written.append("samples.png")
-    rate = result.steps / result.seconds if result.seconds > 0 else float("inf")
+    if writer and not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+        checkpoints.clear()
+    try:
+        result = pipe.fit(
+            out=out,
+            progress=not args.no_progress,
+            resume=args.resume,
+            allow_spec_change=args.allow_spec_change,
+            **_validated_overrides(overrides),
+        )
+        if not writer:
+            return 0
+        pipe.save(out)
+        written = ["spec.yaml", "denoiser.safetensors", "meta.json", METRICS_FILE, f"{CHECKPOINTS_DIR}/"]
+        if result.history:
+            plotting.loss_curve(result.history, out / "loss.png")
+            written.append("loss.png")
+        if pipe.train_config.preview > 0:
+            _preview(pipe, out / "samples.png", pipe.train_config.preview, progress=not args.no_progress)
+            written.append("samples.png")
+    finally:
+        distributed.shutdown()
+    ran = result.steps - (result.resumed_from or 0)
+    rate = ran / result.seconds if result.seconds > 0 else float("inf")
+    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""
     print(
-        f"trained {result.steps} steps in {result.seconds:.1f} s ({rate:.1f} steps/s), final loss {result.final_loss:.4f}\n"
+        f"trained {result.steps} steps in {result.seconds:.1f} s ({rate:.1f} steps/s{resumed}), final loss"
+        f" {result.final_loss:.4f}, effective batch size {result.effective_batch_size}\n"
         f"wrote {out}/{{{', '.join(written)}}}"
     )
     return 0
@@ -257,20 +299,7 @@ def _preview(pipe: Any, path: Path, n: int, progress: bool) -> None:
 
 
 def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
-    from diffkit import plotting
-
-    if pipe.context.data_kind == "images":
-        plotting.image_grid(samples, path)
-        return
-    reference = None
-    try:
-        data = pipe.dataset.tensors()
-        if data is not None:
-            reference = data[0][: samples.shape[0]]
-    except DiffkitError:
-        pass
-    title = f"{pipe.spec.data.type}: {type(pipe.sampler).__name__} samples"
-    plotting.scatter(samples, path, reference=reference, title=title)
+    pipe.picture(samples, path)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 import diffkit
-from diffkit import checkpoint
+from diffkit import checkpoint, distributed
+from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
+from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
 from diffkit.interfaces import (
     BuildContext,
@@ -37,8 +39,27 @@ from diffkit.interfaces import (
 from diffkit.plugins import get_registry
 from diffkit.registry import Registry
 from diffkit.requirements import check_requirements
-from diffkit.spec import SECTIONS, Spec, TrainConfig, dump_spec, iter_sections, load_spec, using_registry, validate_spec
-from diffkit.train import EMA, ClassifierResult, TrainResult, resolve_device, train, train_classifier
+from diffkit.spec import (
+    SECTIONS,
+    Spec,
+    TrainConfig,
+    dump_spec,
+    iter_sections,
+    load_spec,
+    to_dict,
+    using_registry,
+    validate_spec,
+)
+from diffkit.train import (
+    EMA,
+    ClassifierResult,
+    MetricsLog,
+    Outputs,
+    TrainResult,
+    resolve_device,
+    train,
+    train_classifier,
+)
 
 __all__ = ["Pipeline"]
 
@@ -50,6 +71,14 @@ WEIGHTS_FILE = "denoiser.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
 CLASSIFIER_METRICS_FILE = "classifier_metrics.jsonl"
 META_FILE = "meta.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+TENSORBOARD_DIR = "tensorboard"
+FIXED_ON_RESUME = ("seed", "data", "schedule", "denoiser", "objective", "train.batch_size", "train.grad_accum", "train.log_every")
+"""Spec entries a resumed run may never change: they fix what the checkpoint's weights,
+data position and running loss mean. Others (more steps, another lr, ...) may change
+when the caller allows it."""
 HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
 
@@ -98,10 +127,14 @@ class Pipeline:
         elif data is not None:
             self._data_config = _as_config(data)
         self.context = _context or self._infer_context(shape)
-        self.schedule: Schedule = self._build("schedule", schedule)
-        self.denoiser: nn.Module = self._build("denoiser", denoiser)
-        self.objective: Objective = self._build("objective", objective)
-        self.sampler: Sampler = self._build("sampler", sampler)
+        # The initial weights are a function of the seed (so that two runs of one spec, or
+        # a run and its resumption, start alike), drawn without touching torch's generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.schedule: Schedule = self._build("schedule", schedule)
+            self.denoiser: nn.Module = self._build("denoiser", denoiser)
+            self.objective: Objective = self._build("objective", objective)
+            self.sampler: Sampler = self._build("sampler", sampler)
         # Standardisation of point data, fitted on the training set (None for images).
         self.data_mean: Tensor | None = None
         self.data_std: Tensor | None = None
@@ -198,11 +231,21 @@ class Pipeline:
         *,
         out: str | Path | None = None,
         progress: bool = True,
+        resume: bool = False,
+        allow_spec_change: bool = False,
         **overrides: Any,
     ) -> TrainResult:
         """Train per ``self.train_config``; keyword overrides (``steps=100``) apply to this call.
 
-        With ``out``, the metrics are appended to ``out/metrics.jsonl``.
+        ``out`` is the run directory: metrics are appended to ``out/metrics.jsonl`` (and
+        to TensorBoard with ``train.log: tensorboard``), checkpoints go to
+        ``out/checkpoints/`` every ``train.checkpoint_every`` steps and at the end, and
+        pictures of samples to ``out/samples/`` every ``train.sample_every`` steps.
+        ``resume=True`` continues from the newest checkpoint there that reads back whole,
+        ending exactly where an uninterrupted run would; the spec must be the
+        checkpoint's, or differ only outside :data:`FIXED_ON_RESUME` with
+        ``allow_spec_change=True``. Under ``torchrun`` each process trains on its shard of
+        the data and only rank 0 writes.
         """
         config = TrainConfig.model_validate({**self.train_config.model_dump(), **overrides})
         dataset = data if data is not None else self.dataset
@@ -211,7 +254,10 @@ class Pipeline:
                 f"the data's samples have shape {tuple(dataset.sample_shape)} but the pipeline was built for"
                 f" {self.context.sample_shape}"
             )
-        device = resolve_device(config.device)
+        if resume and out is None:
+            raise DiffkitError("resume=True continues the run in a directory: give it as out=")
+        dist = distributed.setup(resolve_device(config.device))
+        device = dist.device
         self._fit_normalizer(dataset)
         classes = getattr(self.denoiser, "num_classes", None)
         if classes and not dataset.num_classes:
@@ -224,15 +270,24 @@ class Pipeline:
                 f"the data has {dataset.num_classes} classes but denoiser.num_classes is {classes}; set it to"
                 f" {dataset.num_classes}"
             )
+        outputs, found = (None, None) if out is None else self._outputs(Path(out), config, dist, resume, allow_spec_change)
+        if found is not None and "data.mean" in found.tensors:
+            self.data_mean, self.data_std = found.tensors["data.mean"], found.tensors["data.std"]
+        if outputs is not None and self.data_mean is not None and self.data_std is not None:
+            outputs.checkpoint_tensors = {"data.mean": self.data_mean, "data.std": self.data_std}
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
         ema = EMA(online, config.ema_decay, target=self.denoiser)
         ema.updates = self.steps_trained
-        metrics = None
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            metrics = Path(out) / "metrics.jsonl"
+        if dist.is_writer and (dist.distributed or config.grad_accum > 1):
+            print(
+                f"diffkit: training on {dist.world_size} process{'es' if dist.distributed else ''}"
+                f"{f' ({dist.backend}, {device.type})' if dist.backend else ''}: effective batch size"
+                f" {config.batch_size} × {config.grad_accum} accumulated × {dist.world_size} ="
+                f" {config.batch_size * config.grad_accum * dist.world_size}",
+                file=sys.stderr,
+            )
         result = train(
             online,
             ema,
@@ -244,7 +299,9 @@ class Pipeline:
             device=device,
             transform=self._normalize if self.data_mean is not None else None,
             conditional=bool(classes),
-            metrics_path=metrics,
+            outputs=outputs,
+            resume=found,
+            dist=dist,
             progress=progress,
             start_step=self.steps_trained,
         )
@@ -252,8 +309,65 @@ class Pipeline:
         self.steps_trained += result.steps
         self.denoiser.eval()
         if self.classifier is not None:
-            result.classifier = self._fit_classifier(dataset, config, device, out, progress)
+            result.classifier = self._fit_classifier(dataset, config, device, out if dist.is_writer else None, progress)
         return result
+
+    def _outputs(
+        self, out: Path, config: TrainConfig, dist: DistContext, resume: bool, allow_spec_change: bool
+    ) -> tuple[Outputs, TrainingCheckpoint | None]:
+        """The run directory's checkpoints, metrics and pictures, and the checkpoint to resume from."""
+        checkpoints = CheckpointDir(out / CHECKPOINTS_DIR, config.keep_checkpoints)
+        spec = self._spec_or_none(config)
+        say = (lambda msg: print(f"diffkit: {msg}", file=sys.stderr)) if dist.is_writer else (lambda msg: None)
+        found = None
+        if resume:
+            if self.steps_trained:
+                raise DiffkitError(
+                    f"resume=True continues a run from its checkpoints, so it needs a pipeline fresh from its spec;"
+                    f" this one has trained {self.steps_trained} steps already"
+                )
+            found = checkpoints.latest(say)
+            if found is None:
+                what = "no checkpoint there reads back whole" if checkpoints.exists() else "it holds no checkpoint"
+                say(f"nothing to resume in {checkpoints.directory}: {what}; training from step 0")
+            else:
+                _check_resumable(found, spec, dist, allow_spec_change)
+                say(f"resuming from {found.name} in {checkpoints.directory}")
+        elif dist.is_writer and self.steps_trained == 0 and checkpoints.exists():
+            raise DiffkitError(
+                f"{checkpoints.directory} holds the checkpoints of an earlier run; resume it (diffkit train --resume,"
+                " or fit(resume=True)) or delete them (diffkit train --force) to start over"
+            )
+        outputs = Outputs(checkpoints=checkpoints, checkpoint_state={"spec": spec, "diffkit_version": diffkit.__version__})
+        if dist.is_writer:
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_leftovers()
+            tensorboard = out / TENSORBOARD_DIR if config.log == "tensorboard" else None
+            outputs.metrics = MetricsLog(out / METRICS_FILE, tensorboard)
+            if config.sample_every and config.preview:
+                outputs.on_sample = self._sample_pictures(out / SAMPLES_DIR, config.preview)
+        return outputs, found
+
+    def _spec_or_none(self, config: TrainConfig) -> dict[str, Any] | None:
+        """The spec this training runs, ``config`` included, as plain data; ``None`` where
+        the pipeline has none (data or components given as objects)."""
+        try:
+            spec = self.spec
+        except DiffkitError:
+            return None
+        return {**to_dict(spec), "train": config.model_dump(mode="json")}
+
+    def _sample_pictures(self, directory: Path, n: int) -> Callable[[int], None]:
+        """A picture of ``n`` samples from the EMA weights at a step, drawn from the spec's
+        seed on generators of their own, so training's random draws are left untouched."""
+
+        def draw(step: int) -> None:
+            cuda = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                samples = self.sample(n, seed=self.seed, progress=False)
+            self.picture(samples, directory / f"step-{step:08d}.png", title=f"samples at step {step}")
+
+        return draw
 
     def _fit_classifier(
         self, dataset: Dataset, config: TrainConfig, device: torch.device, out: str | Path | None, progress: bool
@@ -621,6 +735,25 @@ class Pipeline:
         self.classifier_steps_trained = int(info.get("steps_trained") or 1)
         self.classifier_accuracy = info.get("accuracy_by_t")
 
+    def picture(self, samples: Tensor, path: str | Path, title: str | None = None) -> Path:
+        """Write ``samples`` (in data coordinates) as a PNG: a grid of images, or a scatter
+        of points beside as many points of the training data."""
+        from diffkit import plotting
+
+        if self.context.data_kind == "images":
+            return plotting.image_grid(samples, path)
+        reference = None
+        try:
+            data = self.dataset.tensors()
+            if data is not None:
+                reference = data[0][: samples.shape[0]]
+        except DiffkitError:
+            pass
+        if title is None:
+            name = (self._data_config or {}).get("type", "data")
+            title = f"{name}: {type(self.sampler).__name__} samples"
+        return plotting.scatter(samples, path, reference=reference, title=title)
+
     def to(self, device: str | torch.device) -> Pipeline:
         device = resolve_device(device)
         self.denoiser.to(device)
@@ -651,3 +784,43 @@ def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tu
     rest, held = perm[k:], perm[:k]
     train = TensorData(x[rest], y[rest], num_classes=dataset.num_classes, kind=dataset.kind)
     return train, (x[held], y[held])
+
+
+def _spec_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two specs (as plain data) differ: ``(dotted path, old value, new value)``."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            out += _spec_changes(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [(path, old, new)]
+
+
+def _check_resumable(found: TrainingCheckpoint, spec: dict[str, Any] | None, dist: DistContext, allow: bool) -> None:
+    """Refuse to resume from ``found`` with a spec or a number of processes it was not written for."""
+    saved = found.state
+    if saved["train"]["world_size"] != dist.world_size:
+        raise DiffkitError(
+            f"{found.name} was written by a run of {saved['train']['world_size']} processes and this one has"
+            f" {dist.world_size}; resume with the same number of processes (torchrun --nproc_per_node)"
+        )
+    if spec is None or saved.get("spec") is None:
+        return
+    changes = _spec_changes(saved["spec"], spec)
+    if not changes:
+        return
+
+    def show(items: list[tuple[str, Any, Any]]) -> str:
+        return "; ".join(f"{p}: {a!r} → {b!r}" for p, a, b in items)
+
+    fixed = [c for c in changes if any(c[0] == f or c[0].startswith(f + ".") for f in FIXED_ON_RESUME)]
+    if fixed:
+        raise DiffkitError(
+            f"the spec differs from the one {found.name} was trained with in what a resumed run cannot change:"
+            f" {show(fixed)}. Put it back, or start a new run in another directory"
+        )
+    if not allow:
+        raise DiffkitError(
+            f"the spec differs from the one {found.name} was trained with: {show(changes)}. Put it back, or pass"
+            " --allow-spec-change (fit(allow_spec_change=True)) to resume with these changes"
+        )

@@ -38,7 +38,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
@@ -89,13 +100,34 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(3000, ge=1, description="Number of optimiser steps.")
-    batch_size: int = Field(512, ge=1, description="Examples per optimiser step.")
-    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
+    batch_size: int = Field(
+        512,
+        ge=1,
+        description="Examples per forward pass on each process; an optimiser step sees"
+        " batch_size × grad_accum × processes of them (the effective batch size).",
+    )
+    grad_accum: int = Field(1, ge=1, description="Forward and backward passes whose gradients are summed per optimiser step.")
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (the peak, after warm-up).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="The learning rate after warm-up: 'constant', or 'cosine' decay to min_lr at the last step"
+        " (Loshchilov & Hutter 2017, Eq. 5).",
+    )
+    min_lr: float = Field(0.0, ge=0, description="The learning rate cosine decay ends at; at most lr.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient's global norm to this value; null disables.")
     ema_decay: float = Field(
-        0.999, ge=0, lt=1, description="Decay of the exponential moving average of the weights used for sampling."
+        0.999,
+        ge=0,
+        lt=1,
+        description="Decay of the exponential moving average of the weights used for sampling, warmed up as"
+        " min(decay, (1 + k)/(10 + k)) at update k; 0 samples with the trained weights themselves.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Arithmetic of the forward pass: 'bf16' autocasts on CPU and CUDA; 'fp16' autocasts with"
+        " gradient scaling, on CUDA only. Weights, optimiser state and EMA stay float32.",
     )
     cond_drop_prob: float = Field(
         0.1,
@@ -112,6 +144,41 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train: 'auto' takes CUDA, then MPS, when available."
     )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes for datasets read from files; in-memory data needs none."
+    )
+    checkpoint_every: int = Field(
+        1000,
+        ge=0,
+        description="Steps between training checkpoints in the run directory's checkpoints/ (one is always"
+        " written at the end); 0 writes only the last.",
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="How many of the newest checkpoints to keep.")
+    skip_nonfinite: int = Field(
+        0,
+        ge=0,
+        description="Steps whose loss is NaN or infinite that may be skipped (no update) before training stops;"
+        " 0 stops at the first. Checks every step when above 0 (one device sync per step).",
+    )
+    log: Literal["jsonl", "tensorboard"] = Field(
+        "jsonl",
+        description="Where metrics go besides metrics.jsonl: 'tensorboard' also writes TensorBoard event files"
+        " to the run directory's tensorboard/ (needs the tensorboard package: pip install 'diffkit[tensorboard]').",
+    )
+    sample_every: int = Field(
+        0,
+        ge=0,
+        description="Steps between pictures of `preview` samples from the EMA weights, written to the run"
+        " directory's samples/ during training; 0 disables.",
+    )
+
+    @field_validator("min_lr")
+    @classmethod
+    def _min_lr_at_most_lr(cls, value: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")
+        if lr is not None and value > lr:
+            raise ValueError(f"min_lr ({value}) exceeds lr ({lr}); set it to at most lr")
+        return value
 
 
 def _installed(requirement: str) -> str:
