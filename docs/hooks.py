@@ -240,7 +240,7 @@ def spec_reference() -> str:
     from diffkit.plugins import load_plugins
     from diffkit.spec import json_schema
 
-    schema = json_schema(load_plugins(autoload=False, include=(), block=(), strict=True))
+    schema = json_schema(load_plugins(autoload=False, include=(), block=(), block_builtins=(), strict=True))
     text = _SchemaText(schema)
     by_kind: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, definition in text.defs.items():

@@ -29,7 +29,7 @@ from diffkit import DiffkitError, plotting
 
 
 def build(data: dict[str, Any], fast: bool, steps: int | None, device: str) -> diffkit.Pipeline:
-    T = 50 if fast else 1000
+    T = 20 if fast else 1000
     unet = {"type": "unet", "channels": 8, "channel_mult": [1, 2]} if fast else {"type": "unet"}
     return diffkit.Pipeline.from_spec(
         {
@@ -71,7 +71,7 @@ def main() -> None:
     print(pipe)
 
     # 1. The forward process: q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) at eight timesteps.
-    x0 = pipe.dataset.tensors()[0][:6]
+    x0 = pipe.dataset.tensors()[0][: 4 if args.fast else 6]
     ts = [round((T - 1) * i / 7) for i in range(8)]
     plotting.frames(pipe.forward_process(x0, ts), [f"t = {t}" for t in ts], out / "forward.png", "forward process q(x_t | x_0)")
 
@@ -81,11 +81,11 @@ def main() -> None:
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}")
 
     # 3. Samples: ancestral sampling from pure noise x_{T−1} ~ N(0, I) down to x_0.
-    samples = pipe.sample(16 if args.fast else 64, seed=0, progress=not args.fast)
+    samples = pipe.sample(8 if args.fast else 64, seed=0, progress=not args.fast)
     plotting.image_grid(samples, out / "samples.png")
 
     # 4. The image emerging from noise: eight states of the reverse process of 8 samples.
-    ts, states = pipe.trajectory(n=8, frames=8, seed=0)
+    ts, states = pipe.trajectory(n=4 if args.fast else 8, frames=8, seed=0)
     names = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
     plotting.frames(states, names, out / "trajectory.png", "reverse process: noise → digits")
 
