@@ -124,6 +124,17 @@ def localize(text: str, source: Path, page_uri: str) -> tuple[str, set[str]]:
             repo = resolved.relative_to(ROOT).as_posix()
             needed.add(repo)
             uri = f"{SOURCE_PREFIX}/{repo}"
+        elif resolved.is_dir() and resolved.is_relative_to(ROOT) and resolved != ROOT and ".git" not in resolved.parts:
+            # a folder: its README where it has one, else a generated listing of its files
+            repo = resolved.relative_to(ROOT).as_posix()
+            readme = resolved / "README.md"
+            if readme in pages:
+                return posixpath.relpath(pages[readme], page_dir or ".") + (f"#{anchor}" if anchor else "")
+            if readme.is_file():
+                needed.add(f"{repo}/README.md")
+            else:
+                needed.add(f"{repo}/")
+            uri = f"{SOURCE_PREFIX}/{repo}/{'README.md' if readme.is_file() else 'index.md'}"
         else:
             return None  # missing: left for mkdocs --strict to report
         new = posixpath.relpath(uri, page_dir or ".")
@@ -224,14 +235,14 @@ class _SchemaText:
             if key in required:
                 default = "*required*"
             elif "default" in prop:
-                default = f"`{json.dumps(prop['default'], ensure_ascii=False)}`"
+                default = _esc(f"`{json.dumps(prop['default'], ensure_ascii=False)}`")
             else:
                 default = "its own defaults"
             kind = self.type_of(prop)
             limits = self.constraints_of(prop)
             if limits:
                 kind += " (" + ", ".join(limits) + ")"
-            rows.append(f"| `{key}` | {kind} | {_esc(default)} | {_esc(prop.get('description', ''))} |")
+            rows.append(f"| `{key}` | {kind} | {default} | {_esc(prop.get('description', ''))} |")
         return rows
 
 
@@ -377,6 +388,7 @@ def cli_reference() -> str:
 # -- mkdocs events --------------------------------------------------------------------------
 GENERATED: dict[str, Callable[[], str]] = {"reference/spec.md": spec_reference, "reference/cli.md": cli_reference}
 _sources: dict[str, Path] = {}  # page URI -> the repository file its markdown comes from
+_listings: dict[str, str] = {}  # page URI -> the markdown of a generated folder listing
 
 
 def on_files(files: Any, config: Any) -> Any:
@@ -391,9 +403,21 @@ def on_files(files: Any, config: Any) -> Any:
     while pending:  # a linked markdown file becomes a page, whose own links count too
         uri = pending.pop()
         source = _sources.get(uri, DOCS / uri)
-        if not source.is_file():
+        if uri in _listings:
+            text = _listings[uri]
+        elif source.is_file():
+            text = source.read_text(encoding="utf-8")
+        else:
             continue
-        for repo in sorted(localize(source.read_text(encoding="utf-8"), source, uri)[1]):
+        for repo in sorted(localize(text, source, uri)[1]):
+            if repo.endswith("/"):
+                listing = f"{SOURCE_PREFIX}/{repo}index.md"
+                if files.get_file_from_path(listing) is None:
+                    _listings[listing] = folder_listing(repo.rstrip("/"))
+                    files.append(File.generated(config, listing, content=_listings[listing]))
+                    _sources[listing] = ROOT / repo / "index.md"  # where its relative links start
+                    pending.append(listing)
+                continue
             copy = f"{SOURCE_PREFIX}/{repo}"
             if files.get_file_from_path(copy) is None:
                 files.append(File.generated(config, copy, abs_src_path=str(ROOT / repo)))
@@ -401,6 +425,21 @@ def on_files(files: Any, config: Any) -> Any:
                 if repo.endswith(".md"):
                     pending.append(copy)
     return files
+
+
+SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", "node_modules"}
+
+
+def folder_listing(repo: str) -> str:
+    """A page listing the files of a repository folder, each linked to its copy."""
+    folder = ROOT / repo
+    lines = [f"# `{repo}/`", "", "The files of this folder of the repository:", ""]
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not (SKIPPED_PARTS & set(rel.parts)) and not any(p.startswith(".") for p in rel.parts):
+            if path.suffix not in (".pyc", ".pyo"):
+                lines.append(f"- [`{rel.as_posix()}`]({rel.as_posix()})")
+    return "\n".join(lines) + "\n"
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:

@@ -57,9 +57,25 @@ def test_site_builds_in_strict_mode(tmp_path):
     for name in ("diffkit.pipeline.Pipeline.sample", "diffkit.interfaces.Schedule", "diffkit.diffusion.q_sample",
                  "diffkit.likelihood.variational_bound", "diffkit.applications.inpaint", "diffkit.registry.Registry"):
         assert f'id="{name}"' in api, f"the API reference does not document {name}"
+    assert not dead_site_links(site), "links to nothing in the built site:\n" + "\n".join(dead_site_links(site))
     # the benchmarks page is benchmarks/README.md as it stands
     title = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
     assert title in (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
+
+
+def dead_site_links(site: Path) -> list[str]:
+    """Relative href and src attributes of the built HTML that point to no file of the site."""
+    dead = []
+    for page in site.rglob("*.html"):
+        for target in re.findall(r'(?:href|src)="([^"#?]*)[^"]*"', page.read_text(encoding="utf-8")):
+            if not target or hooks.is_external(target) or target.startswith("/"):
+                continue
+            path = (page.parent / target).resolve()
+            if target.endswith("/") or path.is_dir():
+                path = path / "index.html"
+            if not path.exists():
+                dead.append(f"{page.relative_to(site)}: {target}")
+    return dead
 
 
 # -- generated references --------------------------------------------------------------------
@@ -204,3 +220,13 @@ def test_every_picture_is_drawn_by_the_project_and_every_shown_picture_exists():
 @pytest.mark.parametrize("command", ["make demo", "make test", "mkdocs serve", "mkdocs build"])
 def test_the_readme_says_how_to_start_and_where_the_docs_are(command):
     assert command in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_dead_site_links_are_found(tmp_path):
+    (tmp_path / "page").mkdir()
+    (tmp_path / "there.py").write_text("")
+    (tmp_path / "page" / "index.html").write_text(
+        '<a href="../there.py">ok</a> <a href="../page/">ok</a> <a href="#x">ok</a> <a href="https://x.org/y">ok</a>'
+        ' <a href="../gone.py#L1">dead</a> <img src="../images/none.png">'
+    )
+    assert sorted(dead_site_links(tmp_path)) == ["page/index.html: ../gone.py", "page/index.html: ../images/none.png"]
