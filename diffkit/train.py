@@ -566,6 +566,9 @@ def train(
                 ema.update()
             since += 1
             bar.update(1)
+            if out.on_sample is not None and config.sample_every and k % config.sample_every == 0:
+                ema.sync()
+                out.on_sample(start_step + k)
             save_now = out.checkpoints is not None and (k == config.steps or (every > 0 and k % every == 0))
             log_now = k % config.log_every == 0 or k == config.steps
             if not (save_now or log_now):
@@ -601,9 +604,6 @@ def train(
                     out.metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window, since, last = 0, 0, now
-            if out.on_sample is not None and config.sample_every and k % config.sample_every == 0:
-                ema.sync()
-                out.on_sample(start_step + k)
     finally:
         bar.close()
         if out.metrics is not None:
