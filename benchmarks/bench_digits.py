@@ -10,6 +10,9 @@
 2. Speed: U-Net training steps/s and sampling ms/step at 8×8 (batch 128) and 28×28
    (batch 32): the full loop (Pipeline.fit / Pipeline.sample) beside the network
    alone (forward+backward+AdamW step; forward only), timed alternately, medians.
+3. CPU options (``--options``): the network's training step and sampling forward in
+   eager mode (one thread) against channels-last memory, ``torch.compile`` and two
+   threads, alternated in one process; ratios of medians to eager.
 """
 
 from __future__ import annotations
@@ -102,13 +105,65 @@ def speed(size: int, batch: int, rounds: int, steps: int) -> dict[str, float]:
     }
 
 
+def options(size: int, batch: int, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """Seconds per training step and per sampling forward of the default U-Net under each
+    CPU option, alternated round by round, medians; every contender runs the same weights."""
+    data = {"type": "digits"} if size == 8 else {"type": "digits", "size": size}
+    pipe = diffkit.Pipeline(denoiser="unet", data=data, train={"batch_size": batch, "preview": 0, "device": "cpu"})
+    x = torch.randn(batch, *pipe.context.sample_shape)
+    t = torch.randint(0, pipe.schedule.T, (batch,))
+
+    def variant(channels_last: bool = False, compiled: bool = False, threads: int = 1):
+        net = copy.deepcopy(pipe.denoiser)
+        xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        fn = torch.compile(net) if compiled else net
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def train() -> None:
+            torch.set_num_threads(threads)
+            net.train()
+            for _ in range(steps):
+                loss = (fn(xs, t) - xs).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        def sample() -> None:
+            torch.set_num_threads(threads)
+            net.eval()
+            with torch.no_grad():
+                for _ in range(steps):
+                    fn(xs, t)
+
+        train(), sample()  # warm-up (and compilation)
+        return train, sample
+
+    made = {
+        "eager": variant(),
+        "channels-last": variant(channels_last=True),
+        "compile": variant(compiled=True),
+        "2 threads": variant(threads=2),
+    }
+    out = {}
+    for what, index in (("train", 0), ("sample", 1)):
+        times = alternate({name: fns[index] for name, fns in made.items()}, rounds)
+        out[what] = {name: seconds / steps for name, seconds in times.items()}
+    torch.set_num_threads(1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="judge this run directory instead of training examples/digits.yaml")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every section")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--options", action="store_true", help="also time channels-last, torch.compile and 2 threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not args.skip_quality:
         quality(args)
@@ -124,6 +179,14 @@ def main() -> None:
                 f"{size:>5}×{size:<2} {batch:>5} {r['train_steps_per_s']:>14.2f} {r['train_network_steps_per_s']:>9.2f} {tshare:>6.0%}"
                 f" {r['sample_ms_per_step']:>15.1f} {r['sample_network_ms_per_step']:>9.1f} {sshare:>6.0%}"
             )
+    if args.options:
+        rounds, steps = (2, 2) if args.quick else (7, 5)
+        print("\nCPU options, the network alone: ms per training step / per sampling forward, ratio to eager")
+        for size, batch in ((8, 128), (28, 32)):
+            r = options(size, batch, rounds, steps)
+            for what, row in r.items():
+                cells = "  ".join(f"{name} {1e3 * sec:7.1f} ({row['eager'] / sec:4.2f}×)" for name, sec in row.items())
+                print(f"{size:>5}×{size:<2} {batch:>4} {what:<6} {cells}", flush=True)
 
 
 if __name__ == "__main__":
