@@ -4,10 +4,14 @@ Diffusion Models", Alg. 1)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from diffkit import BuildContext, Params, Schedule
 
+MIN_RANGE = 0.1
+"""Narrowest input range of the sigmoid: over a narrower one S is a straight line to
+rounding, and the normalisation of γ divides by almost nothing."""
 MIN_BETA = 1e-10
 """Floor of β_t: where the sigmoid saturates in float64 (steep τ, wide range) two values of γ
 coincide, and every step must still add some noise for ᾱ to decrease strictly."""
@@ -24,19 +28,23 @@ class SigmoidParams(Params):
 
     @model_validator(mode="after")
     def _ordered(self) -> SigmoidParams:
-        if self.start >= self.end:
-            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if self.end - self.start < MIN_RANGE:
+            raise ValueError(f"end ({self.end}) must exceed start ({self.start}) by at least {MIN_RANGE}")
         return self
 
 
 def sigmoid(params: SigmoidParams, ctx: BuildContext) -> Schedule:
-    """γ(u) = (S(e/τ) − S((u(e − s) + s)/τ)) / (S(e/τ) − S(s/τ)) for u ∈ [0, 1], S the logistic
-    sigmoid (Chen 2023, Alg. 1), read at u = (t + 1)/T as ᾱ_t; β_t = 1 − ᾱ_t/ᾱ_(t−1) with
-    ᾱ_(−1) = γ(0) = 1, clipped to [MIN_BETA, max_beta] as Nichol & Dhariwal 2021 clip the
-    cosine schedule (Eq. 17)."""
-    s, e, tau = params.start, params.end, params.tau
+    """γ(u) = (S(e/τ) − S(x_u)) / (S(e/τ) − S(s/τ)), x_u = (u(e − s) + s)/τ, for u ∈ [0, 1] and S
+    the logistic sigmoid (Chen 2023, Alg. 1), read at u = (t + 1)/T as ᾱ_t; β_t = 1 − ᾱ_t/ᾱ_(t−1)
+    with ᾱ_(−1) = γ(0) = 1, clipped to [MIN_BETA, max_beta] as Nichol & Dhariwal 2021 clip the
+    cosine schedule (Eq. 17).
+
+    In float64 S rounds to 1 beyond x ≈ 37, so γ is formed in log space from the identity
+    S(a) − S(b) = S(a) S(−b) (1 − e^(b − a)):  log γ(u) = log S(−x_u) + log(1 − e^(x_u − e/τ)) + c,
+    where the constant c cancels in the ratios ᾱ_t/ᾱ_(t−1) = exp(log γ_t − log γ_(t−1))."""
     u = torch.linspace(0.0, 1.0, params.timesteps + 1, dtype=torch.float64)
-    v_start, v_end = torch.sigmoid(torch.tensor([s / tau, e / tau], dtype=torch.float64)).tolist()
-    gamma = (v_end - torch.sigmoid((u * (e - s) + s) / tau)) / (v_end - v_start)
-    betas = (1.0 - gamma[1:] / gamma[:-1]).clamp(min=MIN_BETA, max=params.max_beta)
+    x = (u * (params.end - params.start) + params.start) / params.tau
+    # x_1 may round past e/τ; γ(1) = 0 whichever way it rounds
+    log_gamma = F.logsigmoid(-x) + torch.log(-torch.expm1((x - params.end / params.tau).clamp(max=0.0)))
+    betas = (-torch.expm1(log_gamma[1:] - log_gamma[:-1])).clamp(min=MIN_BETA, max=params.max_beta)
     return Schedule.from_betas(betas)
