@@ -56,6 +56,7 @@ def main() -> None:
     out = Path(args.out)
     pipe = trained(args)
     steps = min(pipe.schedule.T, 10 if args.fast else 100)
+    ddim = {"type": "ddim", "clip_denoised": 1.0}  # x̂₀ clipped to the data's range [−1, 1]
 
     # Held-out digits: the 'test' split is never seen in training.
     test = diffkit.build("data", {"type": "digits", "split": "test"})
@@ -64,7 +65,8 @@ def main() -> None:
     # Inpainting: 1 = known, 0 = to generate; [1, H, W] broadcasts to every image.
     mask = torch.ones(1, *x.shape[2:])
     mask[..., x.shape[-1] // 2 :] = 0
-    filled = A.inpaint(pipe, x, mask, sampler="ddpm", steps=steps, resample=2 if args.fast else 10, jump=5, seed=0)
+    resample, jump = (2, 5) if args.fast else (20, 10)  # RePaint: go back `jump` steps, `resample` times
+    filled = A.inpaint(pipe, x, mask, sampler="ddpm", steps=steps, resample=resample, jump=jump, seed=0)
     assert torch.equal(filled * mask, x * mask), "the known half comes back exactly"
     rows = torch.cat([x, A.masked_view(x, mask), filled])
     plotting.image_grid(rows, out / "inpaint.png", nrow=len(x))
@@ -72,7 +74,7 @@ def main() -> None:
     # Denoising: add Gaussian noise of std σ, then run SDEdit from the matching level.
     sigma = 0.6
     noisy = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    results = [A.denoise(pipe, noisy, strength=s, sampler="ddim", steps=steps, seed=0) for s in (0.1, 0.3)]
+    results = [A.denoise(pipe, noisy, strength=s, sampler=ddim, steps=2 * steps, seed=0) for s in (0.1, 0.3)]
     plotting.image_grid(torch.cat([x, noisy.clamp(-1, 1), *results]), out / "denoise.png", nrow=len(x))
     before = ((noisy - x) ** 2).mean()
     for s, r in zip((0.1, 0.3), results):

@@ -230,3 +230,22 @@ def test_dead_site_links_are_found(tmp_path):
         ' <a href="../gone.py#L1">dead</a> <img src="../images/none.png">'
     )
     assert sorted(dead_site_links(tmp_path)) == ["page/index.html: ../gone.py", "page/index.html: ../images/none.png"]
+
+
+def test_links_are_rewritten_for_the_site():
+    text = (
+        "[a](spec.md#validation) [b](../examples/moons.yaml) [c](../benchmarks/README.md#results) [d](../plugins)\n"
+        "[e](nothing/here.md) `[f](../examples/moons.yaml)` [g](https://x.org)\n"
+    )
+    new, needed = hooks.localize(text, DOCS / "page.md", "page.md")
+    assert new.splitlines() == [
+        "[a](spec.md#validation) [b](src/examples/moons.yaml) [c](benchmarks/index.md#results)"
+        " [d](src/plugins/index.md)",
+        "[e](nothing/here.md) `[f](../examples/moons.yaml)` [g](https://x.org)",
+    ]
+    assert needed == {"examples/moons.yaml", "plugins/"}
+    # a repository page served elsewhere: links start from where its file is
+    new, needed = hooks.localize("![p](../docs/images/moons.png) [s](bench_steps.py)", ROOT / "benchmarks" / "README.md",
+                                 "benchmarks/index.md")
+    assert new == "![p](../images/moons.png) [s](../src/benchmarks/bench_steps.py)"
+    assert needed == {"benchmarks/bench_steps.py"}
