@@ -118,8 +118,10 @@ def localize(text: str, source: Path, page_uri: str) -> tuple[str, set[str]]:
         resolved = Path(os.path.normpath(source.parent / path))
         if resolved in pages:
             uri = pages[resolved]
-        elif resolved.is_relative_to(DOCS) and resolved.exists():
+        elif resolved.is_relative_to(DOCS) and resolved.is_file():
             uri = resolved.relative_to(DOCS).as_posix()
+        elif resolved.is_relative_to(DOCS) and (resolved / "index.md").is_file():  # a folder of the site
+            uri = (resolved / "index.md").relative_to(DOCS).as_posix()
         elif resolved.is_file() and resolved.is_relative_to(ROOT) and ".git" not in resolved.parts:
             repo = resolved.relative_to(ROOT).as_posix()
             needed.add(repo)
