@@ -239,7 +239,7 @@ class _SchemaText:
             elif "default" in prop:
                 default = _esc(f"`{json.dumps(prop['default'], ensure_ascii=False)}`")
             else:
-                default = "its own defaults"
+                default = "optional"
             kind = self.type_of(prop)
             limits = self.constraints_of(prop)
             if limits:
