@@ -1,7 +1,7 @@
 """Inpainting and denoising held-out digits with a trained DDPM (diffkit.applications).
 
     python examples/inpaint_denoise.py --run runs/digits   # a model from `make demo`: about a minute
-    python examples/inpaint_denoise.py                     # trains one first (a few minutes, 2 CPU cores)
+    python examples/inpaint_denoise.py                     # trains one first (5-10 minutes on 2 CPU cores)
     python examples/inpaint_denoise.py --fast              # seconds: tiny settings that only check it runs
 
 Neither application needs a model trained for it: both reach the reverse process of

@@ -14,7 +14,7 @@ It writes, under --out:
 5. ``run/``           the trained pipeline (spec.yaml + safetensors), reloadable with
                       ``diffkit.Pipeline.load`` or ``diffkit sample``.
 
-On two CPU cores the bundled digits train in a few minutes; MNIST (60,000 images of
+On two CPU cores the bundled digits train in 5-10 minutes; MNIST (60,000 images of
 28×28) wants a GPU or patience: try ``--steps 5000`` and a GPU (``--device cuda``).
 """
 
