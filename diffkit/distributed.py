@@ -10,7 +10,7 @@ Without them every function here works for a single process and does nothing col
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     """``"gloo"`` or ``"nccl"`` when the job has several processes; ``None`` alone."""
 

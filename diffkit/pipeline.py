@@ -338,7 +338,9 @@ class Pipeline:
                 f"{checkpoints.directory} holds the checkpoints of an earlier run; resume it (diffkit train --resume,"
                 " or fit(resume=True)) or delete them (diffkit train --force) to start over"
             )
-        outputs = Outputs(checkpoints=checkpoints, checkpoint_state={"spec": spec, "diffkit_version": diffkit.__version__})
+        outputs = Outputs(
+            checkpoints=checkpoints, checkpoint_state={"spec": spec, "diffkit_version": diffkit.__version__}, say=say
+        )
         if dist.is_writer:
             out.mkdir(parents=True, exist_ok=True)
             checkpoints.remove_leftovers()

@@ -281,7 +281,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run; closed by close())
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         if self._tb_dir is not None:
@@ -327,7 +327,7 @@ class Outputs:
     """JSON saved in every checkpoint besides the training state (the spec)."""
     on_sample: Callable[[int], None] | None = None
     """Called with the step every ``train.sample_every`` steps, the EMA weights up to date."""
-    say: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
+    say: Callable[[str], None] = field(default=lambda msg: print(f"diffkit: {msg}", file=sys.stderr))
     """Where notes for the user go (rank 0's stderr)."""
 
 
@@ -546,9 +546,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 if skipped > config.skip_nonfinite:
                     raise NonFiniteLoss(
-                        f"the training loss was non-finite at step {start_step + k}, the {skipped}th such step, more"
-                        f" than train.skip_nonfinite = {config.skip_nonfinite}; "
-                        + _stop_message(step_loss.item(), start_step + k, start_step + k, last_checkpoint),
+                        _stop_message(step_loss.item(), start_step + k, start_step + k, last_checkpoint)
+                        + f" (non-finite step {skipped}; train.skip_nonfinite skips {config.skip_nonfinite})",
                         start_step + k,
                     )
                 out.say(f"step {start_step + k}: non-finite loss, step skipped ({skipped} of {config.skip_nonfinite})")

@@ -4,6 +4,7 @@ data stream's position and shards, mixed precision, and two processes under torc
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -77,7 +78,7 @@ def metric_steps(run: Path) -> list[int]:
 # -- checkpoints and exact resumption -----------------------------------------------------------
 def test_a_run_writes_checkpoints_and_keeps_the_newest(capsys, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", keep_checkpoints=2)
-    code, out, err = train_cli(capsys, spec, tmp_path / "run")
+    code, _, err = train_cli(capsys, spec, tmp_path / "run")
     assert code == 0, err
     checkpoints = CheckpointDir(tmp_path / "run" / "checkpoints", keep=2)
     assert checkpoints.steps() == [60, 40]
@@ -147,7 +148,7 @@ def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_used(capsys
     newest = run / "checkpoints" / "step-00000060.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
-    code, out, err = train_cli(capsys, spec, run, "--resume")
+    code, _, err = train_cli(capsys, spec, run, "--resume")
     assert code == 0, err
     assert "step-00000060 cannot be used" in err and "damaged" in err
     assert "resuming from step-00000040" in err
@@ -190,9 +191,9 @@ def test_checkpoints_of_an_unfinished_run_need_resume_or_force(capsys, tmp_path)
     run = tmp_path / "run"
     assert train_cli(capsys, spec, run)[0] == 0
     (run / "spec.yaml").unlink()
-    code, out, err = train_cli(capsys, spec, run)
+    code, _, err = train_cli(capsys, spec, run)
     assert code == 1 and "--resume" in err and "--force" in err
-    code, out, err = train_cli(capsys, spec, run, "--force", "--steps", "20")
+    code, _, err = train_cli(capsys, spec, run, "--force", "--steps", "20")
     assert code == 0, err
     assert CheckpointDir(run / "checkpoints", 5).steps() == [20]  # the earlier run's are gone
 
@@ -220,7 +221,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_checkpoint(caps
     spec = write_spec(tmp_path / "spec.yaml", checkpoint_every=10)
     run = tmp_path / "run"
     nan_at(26)
-    code, out, err = train_cli(capsys, spec, run)
+    code, _, err = train_cli(capsys, spec, run)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "loss was nan at step 26" in err and "step-00000020" in err
     checkpoints = CheckpointDir(run / "checkpoints", 5)
@@ -238,7 +239,7 @@ def test_nonfinite_steps_may_be_skipped_a_bounded_number_of_times(tmp_path, nan_
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["skipped_nonfinite"] == 2
 
     nan_at(3, 4, 6)
-    with pytest.raises(DiffkitError, match="at step 6, the 3th such step"):
+    with pytest.raises(DiffkitError, match=r"at step 6; training stopped.*\(non-finite step 3; train.skip_nonfinite skips 2\)"):
         Pipeline.from_spec(SPEC).fit(progress=False, steps=20, skip_nonfinite=2)
 
 
@@ -250,7 +251,7 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert learning_rate(55, c) == pytest.approx((1e-3 + 1e-5) / 2)  # half way: cos(π/2) = 0
     assert learning_rate(100, c) == pytest.approx(1e-5)
     lrs = [learning_rate(k, c) for k in range(10, 101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
     assert learning_rate(50, TrainConfig(lr=3e-4)) == 3e-4
 
 
@@ -358,7 +359,7 @@ def test_torchrun_two_processes_on_gloo_agree_and_only_rank_0_writes(tmp_path):
     outs.mkdir()
     got.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(spec), str(outs), str(got)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective batch size 64 × 1 accumulated × 2 = 128" in proc.stderr
     assert_identical(load_file(str(got / "rank0.safetensors")), load_file(str(got / "rank1.safetensors")))
