@@ -450,3 +450,12 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return markdown
     source = _sources.get(uri, DOCS / uri)
     return localize(markdown, source, uri)[0]
+
+
+SPHINX_ROLE = re.compile(r":(?:meth|func|class|attr|mod|data|exc|obj):<code>(~?)([^<]*)</code>")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """Docstrings cite other objects as Sphinx roles (:meth:`save`); show them as code,
+    ``~a.b.C`` as just ``C``, as Sphinx does."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)

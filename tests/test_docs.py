@@ -249,3 +249,8 @@ def test_links_are_rewritten_for_the_site():
                                  "benchmarks/index.md")
     assert new == "![p](../images/moons.png) [s](../src/benchmarks/bench_steps.py)"
     assert needed == {"benchmarks/bench_steps.py"}
+
+
+def test_sphinx_roles_in_docstrings_show_as_code():
+    html = 'see :meth:<code>save</code> and :class:<code>~diffkit.interfaces.BuildContext</code>'
+    assert hooks.on_page_content(html, None, None, None) == "see <code>save</code> and <code>BuildContext</code>"
