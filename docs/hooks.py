@@ -337,9 +337,9 @@ def _arguments(parser: argparse.ArgumentParser) -> list[str]:
             extra = []
             if action.required and action.option_strings:
                 extra.append("required")
-            if action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
-                if f"{action.default}" not in helped:
-                    extra.append(f"default `{action.default}`")
+            shows_default = action.option_strings and action.nargs != 0
+            if shows_default and action.default not in (None, argparse.SUPPRESS) and f"{action.default}" not in helped:
+                extra.append(f"default `{action.default}`")
             if isinstance(action, argparse._AppendAction) and "repeatable" not in helped:
                 extra.append("repeatable")
             suffix = f" ({'; '.join(extra)})" if extra else ""
@@ -438,9 +438,9 @@ def folder_listing(repo: str) -> str:
     lines = [f"# `{repo}/`", "", "The files of this folder of the repository:", ""]
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if path.is_file() and not (SKIPPED_PARTS & set(rel.parts)) and not any(p.startswith(".") for p in rel.parts):
-            if path.suffix not in (".pyc", ".pyo"):
-                lines.append(f"- [`{rel.as_posix()}`]({rel.as_posix()})")
+        hidden = bool(SKIPPED_PARTS & set(rel.parts)) or any(p.startswith(".") for p in rel.parts)
+        if path.is_file() and not hidden and path.suffix not in (".pyc", ".pyo"):
+            lines.append(f"- [`{rel.as_posix()}`]({rel.as_posix()})")
     return "\n".join(lines) + "\n"
 
 
@@ -458,4 +458,6 @@ SPHINX_ROLE = re.compile(r":(?:meth|func|class|attr|mod|data|exc|obj):<code>(~?)
 def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
     """Docstrings cite other objects as Sphinx roles (:meth:`save`); show them as code,
     ``~a.b.C`` as just ``C``, as Sphinx does."""
-    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)
+    return SPHINX_ROLE.sub(
+        lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html
+    )

@@ -78,7 +78,9 @@ def main() -> None:
     plotting.image_grid(torch.cat([x, noisy.clamp(-1, 1), *results]), out / "denoise.png", nrow=len(x))
     before = ((noisy - x) ** 2).mean()
     for s, r in zip((0.1, 0.3), results):
-        print(f"SDEdit strength {s}: mean squared error to the clean digits {((r - x) ** 2).mean():.3f} (noisy: {before:.3f})")
+        print(
+            f"SDEdit strength {s}: mean squared error to the clean digits {((r - x) ** 2).mean():.3f} (noisy: {before:.3f})"
+        )
     print(f"wrote {out / 'inpaint.png'} and {out / 'denoise.png'}")
 
 

@@ -63,7 +63,9 @@ def main() -> None:
     out = Path(args.out)
 
     try:  # MNIST where its files are (or can be fetched), else the bundled digits
-        pipe = build({"type": "mnist", "root": args.root, "download": args.download}, args.fast, args.steps, args.device)
+        pipe = build(
+            {"type": "mnist", "root": args.root, "download": args.download}, args.fast, args.steps, args.device
+        )
     except DiffkitError as exc:
         print(f"MNIST is not available ({str(exc).splitlines()[0]})\n-> using the bundled 8×8 digits instead")
         pipe = build({"type": "digits"}, args.fast, args.steps, args.device)
@@ -73,7 +75,9 @@ def main() -> None:
     # 1. The forward process: q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) at eight timesteps.
     x0 = pipe.dataset.tensors()[0][: 4 if args.fast else 6]
     ts = [round((T - 1) * i / 7) for i in range(8)]
-    plotting.frames(pipe.forward_process(x0, ts), [f"t = {t}" for t in ts], out / "forward.png", "forward process q(x_t | x_0)")
+    plotting.frames(
+        pipe.forward_process(x0, ts), [f"t = {t}" for t in ts], out / "forward.png", "forward process q(x_t | x_0)"
+    )
 
     # 2. Training: minimise ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² over random t and ε.
     result = pipe.fit(out=out, progress=not args.fast)

@@ -48,14 +48,30 @@ def test_site_builds_in_strict_mode(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for page in ("index", "getting-started/index", "concepts/index", "examples/index", "plugins/index",
-                 "reference/spec/index", "reference/cli/index", "reference/api/index", "benchmarks/index"):
+    for page in (
+        "index",
+        "getting-started/index",
+        "concepts/index",
+        "examples/index",
+        "plugins/index",
+        "reference/spec/index",
+        "reference/cli/index",
+        "reference/api/index",
+        "benchmarks/index",
+    ):
         assert (site / f"{page}.html").is_file(), f"the site has no {page}.html"
     api = (site / "reference" / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("diffkit.pipeline.Pipeline.sample", "diffkit.interfaces.Schedule", "diffkit.diffusion.q_sample",
-                 "diffkit.likelihood.variational_bound", "diffkit.applications.inpaint", "diffkit.registry.Registry"):
+    for name in (
+        "diffkit.pipeline.Pipeline.sample",
+        "diffkit.interfaces.Schedule",
+        "diffkit.diffusion.q_sample",
+        "diffkit.likelihood.variational_bound",
+        "diffkit.applications.inpaint",
+        "diffkit.registry.Registry",
+    ):
         assert f'id="{name}"' in api, f"the API reference does not document {name}"
     assert not dead_site_links(site), "links to nothing in the built site:\n" + "\n".join(dead_site_links(site))
     # the benchmarks page is benchmarks/README.md as it stands
@@ -207,7 +223,9 @@ def test_slugs_follow_github_and_mkdocs():
 # -- pictures --------------------------------------------------------------------------------
 def test_every_picture_is_drawn_by_the_project_and_every_shown_picture_exists():
     images = {p.name for p in (DOCS / "images").glob("*.png")}
-    assert images <= set(make_images.PICTURES), f"not drawn by docs/make_images.py: {images - set(make_images.PICTURES)}"
+    assert images <= set(make_images.PICTURES), (
+        f"not drawn by docs/make_images.py: {images - set(make_images.PICTURES)}"
+    )
     files = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted((ROOT / "benchmarks").glob("README*.md"))]
     for source in files:
         for _, target in hooks.iter_links(source.read_text(encoding="utf-8")):
@@ -239,18 +257,21 @@ def test_links_are_rewritten_for_the_site():
     )
     new, needed = hooks.localize(text, DOCS / "page.md", "page.md")
     assert new.splitlines() == [
-        "[a](spec.md#validation) [b](src/examples/moons.yaml) [c](benchmarks/index.md#results)"
-        " [d](src/plugins/index.md)",
+        (
+            "[a](spec.md#validation) [b](src/examples/moons.yaml) [c](benchmarks/index.md#results)"
+            " [d](src/plugins/index.md)"
+        ),
         "[e](nothing/here.md) `[f](../examples/moons.yaml)` [g](https://x.org)",
     ]
     assert needed == {"examples/moons.yaml", "plugins/"}
     # a repository page served elsewhere: links start from where its file is
-    new, needed = hooks.localize("![p](../docs/images/moons.png) [s](bench_steps.py)", ROOT / "benchmarks" / "README.md",
-                                 "benchmarks/index.md")
+    new, needed = hooks.localize(
+        "![p](../docs/images/moons.png) [s](bench_steps.py)", ROOT / "benchmarks" / "README.md", "benchmarks/index.md"
+    )
     assert new == "![p](../images/moons.png) [s](../src/benchmarks/bench_steps.py)"
     assert needed == {"benchmarks/bench_steps.py"}
 
 
 def test_sphinx_roles_in_docstrings_show_as_code():
-    html = 'see :meth:<code>save</code> and :class:<code>~diffkit.interfaces.BuildContext</code>'
+    html = "see :meth:<code>save</code> and :class:<code>~diffkit.interfaces.BuildContext</code>"
     assert hooks.on_page_content(html, None, None, None) == "see <code>save</code> and <code>BuildContext</code>"

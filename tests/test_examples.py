@@ -36,6 +36,7 @@ def run_script(script: Path, cwd: Path, *args: str, timeout: float = 300) -> sub
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
     )
     assert done.returncode == 0, f"{script.name} failed:\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr
@@ -84,8 +85,6 @@ def test_mnist_walkthrough_uses_mnist_files_when_present(tmp_path):
     spec = load_spec(out / "run" / "spec.yaml")
     assert spec.data.type == "mnist"
     assert "sample_shape=(1, 28, 28)" in done.stdout
-
-
 
 
 # -- specs ------------------------------------------------------------------------------------
