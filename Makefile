@@ -1,7 +1,7 @@
 # The two commands of the README. Each installs what it needs first.
 PYTHON ?= python3
 
-.PHONY: demo moons test install
+.PHONY: demo moons test install docs
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -20,3 +20,7 @@ moons: install
 # The full test suite. pytest's exit 5 (no tests collected) counts as a failure.
 test: install
 	$(PYTHON) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The documentation site, built as the tests build it (any broken link fails); `mkdocs serve` previews it.
+docs: install
+	$(PYTHON) -m mkdocs build --strict
