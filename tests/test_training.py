@@ -103,38 +103,45 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 
 
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(capsys, tmp_path):
-    """Killed (SIGKILL) right at a checkpoint boundary, resumed, killed again at a random
-    moment between two checkpoints, resumed: the weights, EMA and metrics end exactly as
-    those of a run never interrupted."""
-    spec = write_spec(tmp_path / "spec.yaml", steps=600, checkpoint_every=150, batch_size=128)
+    """Killed (SIGKILL) right at a random checkpoint boundary, resumed, killed again at a
+    random moment between the next two checkpoints, resumed: the weights, EMA, optimiser
+    state and metrics end exactly as those of a run never interrupted."""
+    every, steps = 150, 600
+    spec = write_spec(tmp_path / "spec.yaml", steps=steps, checkpoint_every=every, batch_size=128)
     reference = tmp_path / "reference"
     assert train_cli(capsys, spec, reference)[0] == 0
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    seconds_per_step = rows[-1]["elapsed_s"] / rows[-1]["step"]
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    boundary = rng.choice([every, 2 * every])
+    delay = rng.uniform(0.0, 0.8) * every * seconds_per_step  # within the next interval, at the reference's pace
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffkit.cli", "train", str(spec), "--out", str(run), "--no-progress"]
     checkpoints = run / "checkpoints"
-    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE)
-    _wait_for(checkpoints / "step-00000150.json", proc)
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.DEVNULL)
+    _wait_for(checkpoints / f"step-{boundary:08d}.json", proc)
     proc.send_signal(signal.SIGKILL)  # at the boundary: the checkpoint has just been written
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    seed = random.randrange(2**32)
-    delay = random.Random(seed).uniform(0.0, 0.25)
-    proc = subprocess.Popen([*cmd, "--resume"], env=ENV, stderr=subprocess.PIPE)
-    _wait_for(checkpoints / "step-00000300.json", proc)
-    time.sleep(delay)  # somewhere between two checkpoints (150 steps take ~0.5 s here)
+    proc = subprocess.Popen([*cmd, "--resume"], env=ENV, stderr=subprocess.DEVNULL)
+    _wait_for(checkpoints / f"step-{boundary + every:08d}.json", proc)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = CheckpointDir(checkpoints, keep=5).steps()[0]
-    assert proc.returncode == -signal.SIGKILL and killed_at < 600, f"the run was not cut short (delay seed {seed})"
+    assert proc.returncode == -signal.SIGKILL and killed_at < steps, f"the run was not cut short (seed {seed})"
 
     code, out, err = train_cli(capsys, spec, run, "--resume")
     assert code == 0, err
     assert f"resuming from step-{killed_at:08d}" in err
     assert f"resumed at step {killed_at}" in out
     assert_identical(weights(run), weights(reference))
-    assert_identical(CheckpointDir(checkpoints, 5).read(600).tensors, CheckpointDir(reference / "checkpoints", 5).read(600).tensors)
+    final = [CheckpointDir(r / "checkpoints", 5).read(steps).tensors for r in (run, reference)]
+    assert_identical(*final)  # optimiser state and generator states too
     assert metric_steps(run) == metric_steps(reference)  # rows written after the last checkpoint were dropped
 
 
