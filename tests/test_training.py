@@ -330,6 +330,17 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
         Pipeline.from_spec(SPEC).fit(progress=False, steps=2, log="tensorboard", out=tmp_path)
 
 
+def test_tensorboard_logging_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Pipeline.from_spec(SPEC).fit(progress=False, steps=14, log="tensorboard", out=tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [7, 14]
+    assert {"train/loss", "train/lr", "train/steps_per_s"} <= set(events.Tags()["scalars"])
+
+
 # -- two processes under torchrun ----------------------------------------------------------------
 TORCHRUN_SCRIPT = """
 import os, sys
