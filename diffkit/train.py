@@ -259,6 +259,7 @@ class MetricsLog:
             _summary_writer_class()  # fail before training, not at the first row
         self._fh: Any = None
         self._tb: Any = None
+        self._purge_step: int | None = None  # TensorBoard drops events from this step on (those of a rewound run)
 
     def rewind(self, step: int) -> list[dict[str, Any]]:
         """Drop the rows after ``step`` (those of a run that went on past its last
@@ -286,7 +287,7 @@ class MetricsLog:
         self._fh.flush()
         if self._tb_dir is not None:
             if self._tb is None:
-                self._tb = _summary_writer_class()(str(self._tb_dir), purge_step=getattr(self, "_purge_step", None))
+                self._tb = _summary_writer_class()(str(self._tb_dir), purge_step=self._purge_step)
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"train/{key}", value, row["step"])

@@ -288,15 +288,16 @@ def test_processes_get_disjoint_shards_of_every_epoch():
     assert len(seen[0]) == len(seen[1]) == 25 and not set(seen[0]) & set(seen[1])
 
 
-def test_data_read_through_a_dataloader_resumes_exactly_too():
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_read_through_a_dataloader_resumes_exactly_too(workers):
     class FromFiles(TensorData):  # no tensors(): read item by item, as from files
         def tensors(self):
             return None
 
     data = FromFiles(torch.arange(40, dtype=torch.float32)[:, None], torch.zeros(40, dtype=torch.long))
-    full = BatchStream(data, 4, seed=2, device=torch.device("cpu"))
+    full = BatchStream(data, 4, seed=2, device=torch.device("cpu"), num_workers=workers)
     batches = [next(full)[0] for _ in range(15)]
-    later = BatchStream(data, 4, seed=2, device=torch.device("cpu"), start=7)
+    later = BatchStream(data, 4, seed=2, device=torch.device("cpu"), start=7, num_workers=workers)
     assert all(torch.equal(next(later)[0], b) for b in batches[7:])
 
 
