@@ -1,6 +1,6 @@
 """Digits by label: classifier guidance and classifier-free guidance, side by side.
 
-    python examples/guided_digits.py            # trains both models: 20-30 minutes on two CPU cores
+    python examples/guided_digits.py            # trains both models: 10-20 minutes on two CPU cores
     python examples/guided_digits.py --fast     # seconds: tiny settings that only check the program runs
 
 Both models start from the example specs, read here as plain dictionaries:
