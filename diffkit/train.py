@@ -399,6 +399,42 @@ def _rng_state(device: torch.device) -> dict[str, Tensor]:
     return out
 
 
+def _restore(
+    resume: TrainingCheckpoint,
+    online: nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    config: TrainConfig,
+) -> None:
+    """Load the weights, EMA, optimiser and gradient scaler of ``resume``."""
+    saved = resume.state["train"]
+    online.load_state_dict(_part(resume.tensors, "online."))
+    ema.model.load_state_dict(_part(resume.tensors, "ema."))
+    ema.updates = saved["ema_updates"]
+    opt.load_state_dict(_optimizer_state(resume.tensors, saved["optimizer"]))
+    for group in opt.param_groups:  # a resumed run may have been allowed another lr or weight decay
+        group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+
+
+def _optimizer_step(
+    opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[nn.Parameter], clip: float | None
+) -> None:
+    """One update from the accumulated gradients: unscaled (fp16), clipped, applied, cleared."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def _stop_message(value: float, bad: int, now: int, last: Path | None) -> str:
     found = f" (found at step {now})" if now != bad else ""
     if last is not None:
@@ -463,14 +499,7 @@ def train(
     history: list[dict[str, Any]] = []
     last_checkpoint: Path | None = None
     if resume is not None and saved is not None:
-        online.load_state_dict(_part(resume.tensors, "online."))
-        ema.model.load_state_dict(_part(resume.tensors, "ema."))
-        ema.updates = saved["ema_updates"]
-        opt.load_state_dict(_optimizer_state(resume.tensors, saved["optimizer"]))
-        for group in opt.param_groups:  # a resumed run may have been allowed another lr or weight decay
-            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
+        _restore(resume, online, ema, opt, scaler, config)
         window, skipped = saved["window"], saved["skipped"]
         losses[:window] = resume.tensors[f"losses.rank{dist.rank}"].to(device)
         last_checkpoint = resume.path
@@ -553,16 +582,7 @@ def train(
                     )
                 out.say(f"step {start_step + k}: non-finite loss, step skipped ({skipped} of {config.skip_nonfinite})")
             else:
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
+                _optimizer_step(opt, scaler, params, config.grad_clip)
                 ema.update()
             since += 1
             bar.update(1)

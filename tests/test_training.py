@@ -102,6 +102,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.001)
 
 
+def _wait_for_row(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and f'{{"step": {step},' in metrics.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the metrics row of step {step} did not appear (exit {proc.returncode})")
+        time.sleep(0.001)
+
+
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(capsys, tmp_path):
     """Killed (SIGKILL) right at a random checkpoint boundary, resumed, killed again at a
     random moment between the next two checkpoints, resumed: the weights, EMA, optimiser
@@ -110,13 +119,13 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(capsys, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", steps=steps, checkpoint_every=every, batch_size=128)
     reference = tmp_path / "reference"
     assert train_cli(capsys, spec, reference)[0] == 0
-    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    seconds_per_step = rows[-1]["elapsed_s"] / rows[-1]["step"]
-
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     boundary = rng.choice([every, 2 * every])
-    delay = rng.uniform(0.0, 0.8) * every * seconds_per_step  # within the next interval, at the reference's pace
+    # the second kill comes as a random metrics row strictly between the next two checkpoints appears
+    log_every = SPEC["train"]["log_every"]
+    # (at least 10 steps before it, so that the kill lands in the interval)
+    row = rng.choice([s for s in range(boundary + every + 1, boundary + 2 * every - 10) if s % log_every == 0])
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffkit.cli", "train", str(spec), "--out", str(run), "--no-progress"]
@@ -128,12 +137,12 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(capsys, tmp_path):
     assert proc.returncode == -signal.SIGKILL
 
     proc = subprocess.Popen([*cmd, "--resume"], env=ENV, stderr=subprocess.DEVNULL)
-    _wait_for(checkpoints / f"step-{boundary + every:08d}.json", proc)
-    time.sleep(delay)
+    _wait_for_row(run / "metrics.jsonl", row, proc)
+    time.sleep(rng.uniform(0.0, 0.01))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = CheckpointDir(checkpoints, keep=5).steps()[0]
-    assert proc.returncode == -signal.SIGKILL and killed_at < steps, f"the run was not cut short (seed {seed})"
+    assert proc.returncode == -signal.SIGKILL and killed_at == boundary + every, f"seed {seed}"
 
     code, out, err = train_cli(capsys, spec, run, "--resume")
     assert code == 0, err
