@@ -600,13 +600,6 @@ def train(
                 j, v = bad[0]
                 first = start_step + k - window + 1 + j
                 raise NonFiniteLoss(_stop_message(v, first, start_step + k, last_checkpoint), first)
-            if save_now:
-                if not all(bool(torch.isfinite(p).all()) for p in params):
-                    raise NonFiniteLoss(_stop_message(float("nan"), start_step + k, start_step + k, last_checkpoint), start_step + k)
-                tensors, state = checkpoint_payload(k)
-                if dist.is_writer:
-                    assert out.checkpoints is not None
-                    last_checkpoint = out.checkpoints.write(start_step + k, tensors, state)
             if log_now:
                 finite = [v for v in values if math.isfinite(v)]
                 now = time.perf_counter()
@@ -624,6 +617,13 @@ def train(
                     out.metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window, since, last = 0, 0, now
+            if save_now:  # after the log row: a checkpoint at a log step holds an empty window
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise NonFiniteLoss(_stop_message(float("nan"), start_step + k, start_step + k, last_checkpoint), start_step + k)
+                tensors, state = checkpoint_payload(k)
+                if dist.is_writer:
+                    assert out.checkpoints is not None
+                    last_checkpoint = out.checkpoints.write(start_step + k, tensors, state)
     finally:
         bar.close()
         if out.metrics is not None:

@@ -172,6 +172,21 @@ def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_used(capsys
     assert CheckpointDir(run / "checkpoints", 5).read(60).step == 60  # rewritten whole
 
 
+def test_resuming_from_a_checkpoint_at_a_log_step_is_exact(tmp_path):
+    """The default settings put every checkpoint on a log step (1000 and 50)."""
+    reference = Pipeline.from_spec(SPEC)
+    reference.fit(out=tmp_path / "reference", progress=False, steps=40, log_every=10)
+    run = Pipeline.from_spec(SPEC)
+    run.fit(out=tmp_path / "run", progress=False, steps=40, log_every=10)
+    for path in CheckpointDir(tmp_path / "run" / "checkpoints", 5).paths(40):
+        path.unlink()
+    resumed = Pipeline.from_spec(SPEC)
+    result = resumed.fit(out=tmp_path / "run", progress=False, steps=40, log_every=10, resume=True)
+    assert result.resumed_from == 20 and [row["step"] for row in result.history] == [10, 20, 30, 40]
+    assert_identical(resumed.denoiser.state_dict(), reference.denoiser.state_dict())
+    assert_identical(resumed._online.state_dict(), reference._online.state_dict())
+
+
 def test_a_damaged_checkpoint_json_is_passed_over(tmp_path):
     pipe = Pipeline.from_spec(SPEC)
     pipe.fit(out=tmp_path, progress=False, steps=40)
@@ -366,10 +381,11 @@ def recording_fit(self, *args, **kwargs):
     return result
 P.Pipeline.fit = recording_fit
 
-spec, outs, weights = sys.argv[1], sys.argv[2], sys.argv[3]
+spec, out, weights, *flags = sys.argv[1:]
 rank = int(os.environ["RANK"])
-# each rank is told its own run directory: only rank 0's may receive anything
-code = main(["train", spec, "--out", os.path.join(outs, f"rank{rank}"), "--no-progress"])
+if "--resume" not in flags:  # each rank is told its own run directory: only rank 0's may receive anything
+    out = os.path.join(out, f"rank{rank}")
+code = main(["train", spec, "--out", out, "--no-progress", *flags])
 pipe = fitted[0]
 tensors = {**{f"ema.{k}": v for k, v in pipe.denoiser.state_dict().items()},
            **{f"online.{k}": v for k, v in pipe._online.state_dict().items()}}
@@ -378,22 +394,40 @@ sys.exit(code)
 """
 
 
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    proc = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_on_gloo_agree_and_only_rank_0_writes(tmp_path):
+def test_torchrun_two_processes_on_gloo_agree_only_rank_0_writes_and_resume_exactly(tmp_path):
     script = tmp_path / "run_ranks.py"
     script.write_text(textwrap.dedent(TORCHRUN_SCRIPT))
     spec = write_spec(tmp_path / "spec.yaml", steps=30, checkpoint_every=10, log_every=5)
     outs, got = tmp_path / "outs", tmp_path / "weights"
     outs.mkdir()
     got.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(spec), str(outs), str(got)]
-    proc = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(script, str(spec), str(outs), str(got))
     assert "effective batch size 64 × 1 accumulated × 2 = 128" in proc.stderr
-    assert_identical(load_file(str(got / "rank0.safetensors")), load_file(str(got / "rank1.safetensors")))
+    first = [load_file(str(got / f"rank{r}.safetensors")) for r in range(2)]
+    assert_identical(*first)
     assert not (outs / "rank1").exists()
     written = outs / "rank0"
     assert {"spec.yaml", "denoiser.safetensors", "meta.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in written.iterdir()}
-    assert CheckpointDir(written / "checkpoints", 5).steps() == [30, 20, 10]
-    assert CheckpointDir(written / "checkpoints", 5).read(30).state["train"]["world_size"] == 2
+    checkpoints = CheckpointDir(written / "checkpoints", 5)
+    assert checkpoints.steps() == [30, 20, 10]
+    assert checkpoints.read(30).state["train"]["world_size"] == 2
     assert metric_steps(written) == [5, 10, 15, 20, 25, 30]
+
+    # back to step 10, as if both processes had died after writing it: both resume exactly
+    for step in (20, 30):
+        for path in checkpoints.paths(step):
+            path.unlink()
+    (written / "spec.yaml").unlink()
+    proc = _torchrun(script, str(spec), str(written), str(got), "--resume")
+    assert "resuming from step-00000010" in proc.stderr
+    resumed = [load_file(str(got / f"rank{r}.safetensors")) for r in range(2)]
+    assert_identical(resumed[0], first[0])
+    assert_identical(resumed[1], first[0])
