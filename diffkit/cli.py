@@ -235,6 +235,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             " with more --steps to train it further"
         )
     checkpoints = CheckpointDir(out / CHECKPOINTS_DIR, keep=1)
+    if args.resume and (out / SPEC_FILE).exists() and not checkpoints.exists():
+        raise DiffkitError(f"{out} holds a finished run without checkpoints to resume from; pass --force to train it anew")
     if checkpoints.exists() and not (args.force or args.resume):
         raise DiffkitError(
             f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --force to start over"

@@ -229,6 +229,17 @@ def test_checkpoints_of_an_unfinished_run_need_resume_or_force(capsys, tmp_path)
     assert CheckpointDir(run / "checkpoints", 5).steps() == [20]  # the earlier run's are gone
 
 
+def test_resume_never_retrains_a_finished_run_that_has_no_checkpoints(capsys, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", steps=20)
+    run = tmp_path / "run"
+    assert train_cli(capsys, spec, run)[0] == 0
+    CheckpointDir(run / "checkpoints", 5).clear()  # as a run from before checkpoints
+    before = weights(run)
+    code, _, err = train_cli(capsys, spec, run, "--resume")
+    assert code == 1 and "without checkpoints" in err and "--force" in err
+    assert_identical(weights(run), before)
+
+
 # -- non-finite losses --------------------------------------------------------------------------
 @pytest.fixture
 def nan_at(monkeypatch):
