@@ -247,6 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     if args.device is not None:
         overrides["device"] = args.device
+    overrides = _validated_overrides(overrides)  # before anything in --out is deleted
     if writer and not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).unlink(missing_ok=True)
@@ -257,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             resume=args.resume,
             allow_spec_change=args.allow_spec_change,
-            **_validated_overrides(overrides),
+            **overrides,
         )
         if not writer:
             return 0

@@ -306,7 +306,9 @@ class Registry:
 def _check_api_version(plugin: object, name: str, distribution: str | None, version: str | None) -> None:
     """Refuse a plugin that declares a plugin API version this diffkit cannot load."""
     declared = getattr(plugin, hookspecs.API_VERSION_ATTRIBUTE, None)
-    if declared is None or (isinstance(declared, int) and declared in hookspecs.COMPATIBLE_API_VERSIONS):
+    if declared is None or (
+        isinstance(declared, int) and not isinstance(declared, bool) and declared in hookspecs.COMPATIBLE_API_VERSIONS
+    ):
         return
     source = f" ({' '.join(v for v in (distribution, version) if v)})" if distribution else ""
     if not isinstance(declared, int) or isinstance(declared, bool):

@@ -4,8 +4,8 @@
     python examples/compose.py --fast          # a few seconds: tiny schedule and training
 
 Every component comes from the registry by name, exactly as a spec names it, so the
-pipeline can write its spec back out. The same pipeline as a spec file is
-examples/swiss-roll-cosine.toml, give or take the sampler.
+pipeline can write its spec back out. examples/swiss-roll-cosine.toml is a spec file of
+the same kind (swiss roll, cosine schedule, MLP), with its own settings.
 """
 
 from __future__ import annotations

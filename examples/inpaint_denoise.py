@@ -10,8 +10,9 @@ any sampler only through its callback and its start state.
 - Inpainting (``applications.inpaint``): the right half of each digit is erased; at
   every step the known half is replaced by a fresh draw of q(x_t | x_0), and RePaint's
   resampling (``resample``, ``jump``) makes the two halves agree.
-- Denoising (``applications.denoise``, SDEdit): a noisy digit is taken as x_{t₀} at the
-  noise level that matches, and the reverse process runs from there.
+- Denoising (``applications.denoise``, SDEdit): each noisy digit is noised further by
+  q(x_t | x_0) to a chosen strength (the fraction of the schedule, here 0.1 and 0.3),
+  and the reverse process runs from there down to a clean digit.
 
 Pictures under --out: ``inpaint.png`` (originals, masked inputs, results) and
 ``denoise.png`` (originals, noisy inputs, results at two strengths).

@@ -56,7 +56,7 @@ class MLPClassifier(nn.Module):
 
 class EncoderClassifier(nn.Module):
     """Logits of p_φ(y | x_t, t) for images ``[B, C, H, W]``: the U-Net's downsampling path
-    (residual blocks with AdaGN time conditioning, width × 2^level channels, halving the
+    (residual blocks with AdaGN time conditioning, width × 2^min(level, 2) channels, halving the
     resolution between levels), then GroupNorm, SiLU, global average pooling and a linear
     layer (Dhariwal & Nichol 2021, Sec. 4, with mean pooling in place of attention pooling)."""
 

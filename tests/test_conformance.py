@@ -29,9 +29,11 @@ from diffkit.testing import (
     check_schedule,
     reference_schedule,
 )
+from diffkit.plugins import load_plugins
 from diffkit.testing import strategies as dks
 
-REGISTRY = diffkit.get_registry()
+# The built-ins only, whatever else is installed or set in DIFFKIT_* variables.
+REGISTRY = load_plugins(autoload=False, include=(), block=(), block_builtins=(), strict=True)
 
 # Parameters a component needs beyond its defaults to be built at all.
 REQUIRED_PARAMS = {("sampler", "guided"): {"guidance": {"type": "classifier-free"}}}

@@ -71,7 +71,10 @@ def resolve(
     from diffkit.spec import using_registry
 
     try:
-        with using_registry(reg):  # nested sections (a guided sampler's base) resolve here too
+        # Built under a fixed seed, without touching the caller's global generator: the same
+        # weights every time, whatever ran before.
+        with torch.random.fork_rng(devices=[]), using_registry(reg):  # nested sections resolve here too
+            torch.manual_seed(0)
             obj = reg.build(kind, section, ctx)
     except DiffkitError as exc:
         raise ConformanceError(f"{label}: could not be built from {section}: {_one_line(exc)}") from None

@@ -2,8 +2,9 @@
 ``diffkit_registry`` and ``diffkit_plugin`` are available in every test session of an
 environment where diffkit is installed.
 
-diffkit (and torch) are imported only when a test asks for a fixture, so that the plugin
-costs nothing to test sessions that do not use it.
+Loading the plugin imports the ``diffkit`` package, and with it torch (about two seconds
+at the start of a test session); the registries the fixtures build are made only when a
+test asks for one.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class _Runner:
                 f"predict was called with x_t of shape {tuple(getattr(x_t, 'shape', ()))}, not the asked {shape}",
             )
             subject.expect(
-                isinstance(t, Tensor) and not t.is_floating_point() and t.shape in ((shape[0],), ()),
+                isinstance(t, Tensor) and not t.is_floating_point() and tuple(t.shape) == (shape[0],),
                 "predict must be called with integer timesteps of shape [batch], got "
                 + (f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__),
             )
