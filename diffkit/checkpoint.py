@@ -167,11 +167,17 @@ class CheckpointDir:
             **state,
         }
         write_json(json_path, record)
-        self._prune()
+        self._prune(step)
         return json_path
 
-    def _prune(self) -> None:
-        for step in self.steps()[self.keep :]:
+    def _prune(self, written: int) -> None:
+        """Delete the checkpoints newer than the one just ``written`` (left by a run that was
+        resumed from an earlier one because they could not be read: abandoned now that a
+        newer good state exists), then all but the newest ``keep`` of the rest."""
+        steps = self.steps()
+        stale = [s for s in steps if s > written]
+        kept = [s for s in steps if s <= written]
+        for step in stale + kept[self.keep :]:
             tensor_path, json_path = self.paths(step)
             json_path.unlink(missing_ok=True)  # first: a half-deleted checkpoint is an incomplete one
             tensor_path.unlink(missing_ok=True)
@@ -188,6 +194,8 @@ class CheckpointDir:
             raise DiffkitError(f"{json_path} is not valid JSON ({exc}); it is truncated or damaged") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("step") != step:
             raise DiffkitError(f"{json_path} is not a diffkit training checkpoint of step {step}")
+        if not isinstance(state.get("tensors"), dict) or not isinstance(state.get("train"), dict):
+            raise DiffkitError(f"{json_path} lacks its 'tensors' or 'train' record; it is damaged")
         expected = state.get("tensors", {})
         try:
             blob = tensor_path.read_bytes()

@@ -331,7 +331,7 @@ class Pipeline:
                 what = "no checkpoint there reads back whole" if checkpoints.exists() else "it holds no checkpoint"
                 say(f"nothing to resume in {checkpoints.directory}: {what}; training from step 0")
             else:
-                _check_resumable(found, spec, dist, allow_spec_change)
+                _check_resumable(found, spec, dist, allow_spec_change, config.steps)
                 say(f"resuming from {found.name} in {checkpoints.directory}")
         elif dist.is_writer and self.steps_trained == 0 and checkpoints.exists():
             raise DiffkitError(
@@ -346,6 +346,8 @@ class Pipeline:
             checkpoints.remove_leftovers()
             tensorboard = out / TENSORBOARD_DIR if config.log == "tensorboard" else None
             outputs.metrics = MetricsLog(out / METRICS_FILE, tensorboard)
+            if resume and found is None:  # training from step 0: earlier rows belong to a run that is gone
+                outputs.metrics.rewind(0)
             if config.sample_every and config.preview:
                 outputs.on_sample = self._sample_pictures(out / SAMPLES_DIR, config.preview)
         return outputs, found
@@ -798,9 +800,17 @@ def _spec_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, An
     return [] if old == new else [(path, old, new)]
 
 
-def _check_resumable(found: TrainingCheckpoint, spec: dict[str, Any] | None, dist: DistContext, allow: bool) -> None:
-    """Refuse to resume from ``found`` with a spec or a number of processes it was not written for."""
+def _check_resumable(
+    found: TrainingCheckpoint, spec: dict[str, Any] | None, dist: DistContext, allow: bool, steps: int
+) -> None:
+    """Refuse to resume from ``found`` with a spec or a number of processes it was not written
+    for, or with fewer steps than it has already trained."""
     saved = found.state
+    if steps < found.step:
+        raise DiffkitError(
+            f"{found.name} has trained {found.step} steps already, more than the {steps} asked for; resume with"
+            f" steps of at least {found.step}"
+        )
     if saved["train"]["world_size"] != dist.world_size:
         raise DiffkitError(
             f"{found.name} was written by a run of {saved['train']['world_size']} processes and this one has"

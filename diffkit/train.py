@@ -178,7 +178,8 @@ class _IndexBatches(torch.utils.data.Sampler[list[int]]):
 
 class EMA:
     """θ_ema ← d·θ_ema + (1 − d)·θ with warm-up d_k = min(d, (1 + k)/(10 + k))
-    (the averaging of Ho et al. 2020, App. B; warm-up as in Tarvainen & Valpola 2017).
+    (the averaging of Ho et al. 2020, App. B; the warm-up is the num_updates rule of TensorFlow's
+    ExponentialMovingAverage).
 
     With decay 0 the average is the weights themselves: nothing is done per step, and
     :meth:`sync` copies them when the averaged model is about to be read.

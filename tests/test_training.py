@@ -196,6 +196,31 @@ def test_a_damaged_checkpoint_json_is_passed_over(tmp_path):
     assert result.resumed_from == 20
 
 
+def test_checkpoints_newer_than_the_one_resumed_from_are_dropped_not_the_good_ones(tmp_path):
+    checkpoints = CheckpointDir(tmp_path, keep=2)
+    state = {"train": {"step": 0}}
+    for step in (300, 400):
+        checkpoints.write(step, {"w": torch.full((3,), float(step))}, state)
+    checkpoints.paths(400)[0].write_bytes(b"damaged")
+    assert checkpoints.latest(lambda msg: None).step == 300  # a run resumes from 300 ...
+    checkpoints.write(310, {"w": torch.zeros(3)}, state)  # ... and writes its next checkpoint
+    assert checkpoints.steps() == [310, 300]  # the unusable 400 is gone, the good 300 kept
+    checkpoints.keep = 1
+    checkpoints.write(320, {"w": torch.ones(3)}, state)
+    assert checkpoints.steps() == [320] and checkpoints.read(320).step == 320
+
+
+def test_resuming_with_no_readable_checkpoint_starts_over_without_duplicate_metrics(tmp_path):
+    Pipeline.from_spec(SPEC).fit(out=tmp_path, progress=False, steps=40, log_every=10)
+    for step in (20, 40):
+        (tmp_path / "checkpoints" / f"step-{step:08d}.json").write_text("{")
+    result = Pipeline.from_spec(SPEC).fit(out=tmp_path, progress=False, steps=40, log_every=10, resume=True)
+    assert result.resumed_from is None
+    assert metric_steps(tmp_path) == [10, 20, 30, 40]
+    checkpoints = CheckpointDir(tmp_path / "checkpoints", 5)
+    assert checkpoints.steps() == [40, 20] and checkpoints.read(40).step == 40
+
+
 def test_a_different_spec_is_refused_on_resume_with_what_changed(capsys, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", steps=40)
     run = tmp_path / "run"
@@ -210,6 +235,10 @@ def test_a_different_spec_is_refused_on_resume_with_what_changed(capsys, tmp_pat
     code, out, err = train_cli(capsys, spec, run, "--resume", "--steps", "60")
     assert code == 1
     assert "train.steps: 40 → 60" in err and "--allow-spec-change" in err
+
+    code, out, err = train_cli(capsys, spec, run, "--resume", "--steps", "20", "--allow-spec-change")
+    assert code == 1 and err.count("\n") == 1
+    assert "has trained 40 steps already, more than the 20 asked for" in err
 
     code, out, err = train_cli(capsys, spec, run, "--resume", "--steps", "60", "--allow-spec-change")
     assert code == 0, err
