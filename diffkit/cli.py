@@ -218,7 +218,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from diffkit import distributed, plotting
     from diffkit.checkpoint import CheckpointDir
-    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, Pipeline
+    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, Pipeline, clear_training_outputs
 
     registry = load_registry(args)
     out = Path(args.out)
@@ -250,8 +250,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = _validated_overrides(overrides)  # before anything in --out is deleted
     if writer and not args.resume:
         out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).unlink(missing_ok=True)
-        checkpoints.clear()
+        clear_training_outputs(out)
     try:
         result = pipe.fit(
             out=out,

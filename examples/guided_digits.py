@@ -19,7 +19,6 @@ guidance), under --out. docs/guidance.md explains the scales and shows full-size
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import yaml
 
 import diffkit
 from diffkit import plotting
+from diffkit.pipeline import clear_training_outputs
 
 EXAMPLES = Path(__file__).resolve().parent
 
@@ -43,13 +43,6 @@ def spec(name: str, fast: bool) -> dict[str, Any]:
 
 
 
-def clear_run(out: Path) -> None:
-    """Remove what an earlier run of this script left in ``out`` (its metrics and
-    checkpoints), as ``diffkit train --force`` does; otherwise fit() would refuse to
-    overwrite the checkpoints."""
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/examples/guided-digits", help="directory for the pictures and runs")
@@ -62,7 +55,7 @@ def main() -> None:
 
     for name, method in [("digits-classifier.yaml", "classifier"), ("digits-cfg.yaml", "classifier-free")]:
         pipe = diffkit.Pipeline.from_spec(spec(name, args.fast))
-        clear_run(out / method)  # each run of the example starts afresh
+        clear_training_outputs(out / method)  # each run of the example starts afresh
         result = pipe.fit(out=out / method, progress=not args.fast)
         trained = f"denoiser: {result.steps} steps in {result.seconds:.0f} s"
         if result.classifier is not None:

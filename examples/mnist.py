@@ -21,12 +21,12 @@ On two CPU cores the bundled digits train in 5-10 minutes; MNIST (60,000 images 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
 import diffkit
 from diffkit import DiffkitError, plotting
+from diffkit.pipeline import clear_training_outputs
 
 
 def build(data: dict[str, Any], fast: bool, steps: int | None, device: str) -> diffkit.Pipeline:
@@ -52,13 +52,6 @@ def build(data: dict[str, Any], fast: bool, steps: int | None, device: str) -> d
     )
 
 
-
-def clear_run(out: Path) -> None:
-    """Remove what an earlier run of this script left in ``out`` (its metrics and
-    checkpoints), as ``diffkit train --force`` does; otherwise fit() would refuse to
-    overwrite the checkpoints."""
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,7 +82,7 @@ def main() -> None:
     )
 
     # 2. Training: minimise ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² over random t and ε.
-    clear_run(out)  # each run of the walk-through starts afresh
+    clear_training_outputs(out)  # each run of the walk-through starts afresh
     result = pipe.fit(out=out, progress=not args.fast)
     plotting.loss_curve(result.history, out / "loss.png")
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {result.final_loss:.4f}")
