@@ -43,6 +43,7 @@ __all__ = [
     "TensorData",
     "BuildContext",
     "TIMESTEP_SPACINGS",
+    "Spacing",
 ]
 
 Predict = Callable[[Tensor, Tensor], Tensor]
@@ -77,8 +78,18 @@ def report(callback: StepCallback | None, t: int, x: Tensor) -> Tensor:
     new = callback(t, x)
     return x if new is None else new
 
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-Spacing = Literal["linspace", "leading", "trailing"]
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "logsnr")
+Spacing = Literal["linspace", "leading", "trailing", "quadratic", "logsnr"]
+
+
+def _distinct(targets: Tensor, T: int) -> Tensor:
+    """Round descending fractional timesteps to strictly decreasing integers in [0, T−1]:
+    a repeat moves up one timestep (working from the clean end), and a sequence pushed
+    past T−1 is held under it, so len(targets) ≤ T distinct timesteps always come back."""
+    ts = targets.round().long().clamp(0, T - 1).tolist()
+    for i in range(len(ts) - 2, -1, -1):
+        ts[i] = max(ts[i], ts[i + 1] + 1)
+    return torch.tensor([min(t, T - 1 - i) for i, t in enumerate(ts)], dtype=torch.long)
 
 
 class Schedule:
@@ -178,9 +189,15 @@ class Schedule:
 
         ``linspace`` spreads them evenly from T−1 to 0, ``leading`` takes every
         (T // steps)-th step from 0 (Ho et al. 2020's code), and ``trailing`` steps back
-        from T−1 by T / steps (Lin et al. 2024, Table 2). Every sequence is strictly
-        decreasing within [0, T−1]; the sampler's last update goes to the clean data
-        (ᾱ = 1). ``start`` begins the walk at that timestep instead (for starting from
+        from T−1 by T / steps (Lin et al. 2024, Table 2). Two spacings crowd the steps
+        towards the clean end, where sharp data needs them: ``quadratic`` visits
+        t_i = (T−1)(1 − i/(steps−1))² (Song et al. 2021, DDIM, App. D.2) and ``logsnr``
+        the timesteps nearest values of λ = ½ log SNR evenly spaced from λ_{T−1} to λ_0
+        (Lu et al. 2022, DPM-Solver, Sec. 3.3). Both start at T−1 and end at 0; where
+        their rounding would repeat a timestep near the clean end, the repeat moves one
+        timestep up, so exactly ``steps`` distinct timesteps come back. Every sequence
+        is strictly decreasing within [0, T−1]; the sampler's last update goes to the
+        clean data (ᾱ = 1). ``start`` begins the walk at that timestep instead (for starting from
         a partly noised input, as SDEdit does): it is followed by the visited
         timesteps below it.
         """
@@ -194,6 +211,11 @@ class Schedule:
             ts = (torch.arange(steps - 1, -1, -1) * (T // steps)).long()
         elif spacing == "trailing":
             ts = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long() - 1
+        elif spacing == "quadratic":
+            ts = _distinct((T - 1) * torch.linspace(1, 0, steps, dtype=torch.float64).square(), T)
+        elif spacing == "logsnr":
+            lam = self._half_log_snr()
+            ts = _distinct(self.nearest_log_snr(torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)), T)
         else:
             raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
         out = ts.tolist()
@@ -202,6 +224,19 @@ class Schedule:
                 raise ValueError(f"start must be a timestep between 0 and T − 1 = {T - 1}, got {start}")
             out = [start] + [t for t in out if t < start]
         return out
+
+    def _half_log_snr(self) -> Tensor:
+        """λ_t = ½ log SNR(t) in float64, decreasing in t (a zero terminal SNR is held at a finite floor)."""
+        return 0.5 * self.snr.double().clamp_min(1e-300).log()
+
+    def nearest_log_snr(self, half_log_snr: Tensor) -> Tensor:
+        """The timesteps whose λ_t = ½ log SNR(t) lie nearest the given values (int64)."""
+        neg = -self._half_log_snr()  # −λ_t, increasing in t
+        target = -half_log_snr.double()
+        hi = torch.searchsorted(neg, target).clamp(1, self.T - 1)
+        lo = hi - 1
+        nearer_lo = (target - neg[lo]).abs() <= (neg[hi] - target).abs()
+        return torch.where(nearer_lo, lo, hi) if self.T > 1 else torch.zeros_like(hi)
 
     def __repr__(self) -> str:
         a = self.alphas_cumprod

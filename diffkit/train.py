@@ -236,11 +236,15 @@ def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
+FP16_DEVICES = ("cuda",)
+"""Device types that train with ``precision: fp16`` (autocast with gradient scaling)."""
+
+
 def _autocast(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     """A factory of the forward pass's autocast context for ``precision`` on ``device``."""
     if precision == "fp32":
         return nullcontext
-    if precision == "fp16" and device.type != "cuda":
+    if precision == "fp16" and device.type not in FP16_DEVICES:
         raise DiffkitError(
             f"train.precision 'fp16' needs CUDA (it trains with gradient scaling there), but training runs on"
             f" {device.type}; use 'bf16' or 'fp32'"

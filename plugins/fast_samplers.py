@@ -2,7 +2,7 @@
 Lu et al. 2022).
 
 Both walk the timesteps of :meth:`diffkit.Schedule.timesteps` (any number of steps
-≤ T, spacing ``linspace``, ``leading`` or ``trailing``); each update goes from the
+≤ T, spacing ``linspace``, ``leading``, ``trailing``, ``quadratic`` or ``logsnr``); each update goes from the
 visited timestep t to the next visited one s, and the last from the last visited
 timestep to the clean data (ᾱ_s = 1), so no noise is left in the output.
 """
@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, StepCallback, hookimpl, initial_state, report
+from diffkit import Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
 from diffkit import diffusion as D
 
 DDIM_DEFAULT_STEPS = 50
@@ -26,10 +26,13 @@ DPM_SOLVER_DEFAULT_STEPS = 20
 
 
 class _FewStepParams(Params):
-    spacing: Literal["linspace", "leading", "trailing"] = Field(
+    spacing: Spacing = Field(
         "trailing",
         description="How the visited timesteps are chosen when steps < T: 'trailing' starts at T−1 and spends every"
-        " step on noise it can remove (Lin et al. 2024); 'linspace' ends on t = 0, a nearly clean step.",
+        " step on noise it can remove (Lin et al. 2024); 'linspace' ends on t = 0, a nearly clean step; 'quadratic'"
+        " (Song et al. 2021) and 'logsnr' (Lu et al. 2022) crowd the steps towards the clean end, where sharp data"
+        " needs them ('logsnr' spends several steps at the very start of the cosine schedule, whose last SNRs are"
+        " tiny).",
     )
     clip_denoised: float | None = Field(
         None, gt=0, description="Clip x̂_0 to [−c, c] at each step (1.0 suits images in [−1, 1]); null disables."

@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, DiffkitError, Params, Predict, Schedule, StepCallback, hookimpl, initial_state, report
+from diffkit import Component, DiffkitError, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
 from diffkit import diffusion as D
 
 __all__ = ["SGLD", "SGLDParams", "PredictorCorrector", "PCParams", "noise_levels", "step_sizes", "StepSizeError"]
@@ -74,7 +74,7 @@ class SGLDParams(Params):
         description="ε of the step size η_i = ε σ_i²/σ_L² at level i, σ_L the least noisy level visited"
         " (Song & Ermon 2019, Alg. 1). The noisiest level's η_1 = ε σ_1²/σ_L² must stay below 1.",
     )
-    spacing: Literal["geometric", "linspace", "leading", "trailing"] = Field(
+    spacing: Literal["geometric"] | Spacing = Field(
         "geometric",
         description="Which timesteps are the noise levels: 'geometric' picks those whose VE-equivalent noise"
         " level σ_t/√ᾱ_t is nearest a geometric sequence from t = T−1 to t = 0 (Song & Ermon 2019, Sec. 4.2),"
@@ -106,12 +106,10 @@ def noise_levels(
     levels = T if levels is None else int(levels)
     if not 1 <= levels <= T:
         raise ValueError(f"the number of noise levels must be between 1 and the schedule's T = {T}, got {levels}")
-    log_sigma = -0.5 * schedule.snr.log()  # log of σ_t/√ᾱ_t, increasing in t
-    targets = torch.linspace(log_sigma[-1].item(), log_sigma[0].item(), levels, dtype=torch.float64)
-    hi = torch.searchsorted(log_sigma, targets).clamp(1, T - 1)
-    lo = hi - 1
-    nearer_lo = (targets - log_sigma[lo]).abs() <= (log_sigma[hi] - targets).abs()
-    ts = torch.unique_consecutive(torch.where(nearer_lo, lo, hi)).tolist()
+    # log(σ_t/√ᾱ_t) = −λ_t: a geometric sequence of σ_t/√ᾱ_t is evenly spaced in λ_t = ½ log SNR
+    lam = 0.5 * schedule.snr.double().log()
+    targets = torch.linspace(lam[-1].item(), lam[0].item(), levels, dtype=torch.float64)
+    ts = torch.unique_consecutive(schedule.nearest_log_snr(targets)).tolist()
     if start is not None:
         if not 0 <= start <= T - 1:
             raise ValueError(f"start must be a timestep between 0 and T − 1 = {T - 1}, got {start}")
@@ -223,7 +221,7 @@ class PCParams(Params):
     steps: int | None = Field(
         None, ge=1, description="Number of predictor steps; null takes all T. Fewer steps respace the chain."
     )
-    spacing: Literal["linspace", "leading", "trailing"] = Field(
+    spacing: Spacing = Field(
         "linspace", description="How the visited timesteps are chosen when steps < T."
     )
     corrector_steps: int = Field(

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, StepCallback, hookimpl, initial_state, report
+from diffkit import Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
 
 
 class DDPMParams(Params):
@@ -25,7 +25,7 @@ class DDPMParams(Params):
     steps: int | None = Field(
         None, ge=1, description="Number of reverse steps; null takes all T. Fewer steps respace the chain."
     )
-    spacing: Literal["linspace", "leading", "trailing"] = Field(
+    spacing: Spacing = Field(
         "linspace", description="How the visited timesteps are chosen when steps < T."
     )
     clip_denoised: float | None = Field(

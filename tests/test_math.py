@@ -344,9 +344,9 @@ def test_timesteps_properties(T, data):
         assert len(ts) == steps, spacing
         assert all(0 <= t <= T - 1 for t in ts), spacing
         assert all(a > b for a, b in zip(ts, ts[1:])), f"{spacing} not strictly decreasing: {ts}"
-        if spacing in ("linspace", "trailing"):
+        if spacing != "leading":
             assert ts[0] == T - 1, spacing
-        if spacing == "leading" or (spacing == "linspace" and steps >= 2):
+        if spacing != "trailing" and (spacing == "leading" or steps >= 2):
             # (one linspace step cannot both start at T−1 and end at 0: it starts at T−1)
             assert ts[-1] == 0, spacing
         if steps == T:
@@ -397,6 +397,39 @@ def test_timesteps_from_a_start(T, data):
 def test_timesteps_reference_values(T, steps, spacing, expected):
     sch = Schedule(torch.linspace(0.999, 1e-3, T, dtype=F64))
     assert sch.timesteps(steps, spacing) == expected
+
+
+@SETTINGS
+@given(st.integers(2, 3000), st.data())
+def test_timesteps_crowded_towards_the_clean_end(T, data):
+    """``quadratic`` visits round((T−1)(1 − i/(S−1))²) and ``logsnr`` the timestep nearest
+    in λ = ½ log SNR to S values evenly spaced from λ_{T−1} to λ_0, wherever rounding
+    leaves them distinct; where it does not, the result is still S distinct timesteps
+    from T−1 down to 0."""
+    sch = build_schedule(type=data.draw(st.sampled_from(["linear", "cosine"]), label="schedule"), timesteps=T)
+    steps = data.draw(st.integers(2, T), label="steps")
+    lam = 0.5 * sch.snr.double().log()
+    lam_targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=F64)
+    nearest = [int((lam - v).abs().argmin()) for v in lam_targets.tolist()]
+    quad = ((T - 1) * torch.linspace(1, 0, steps, dtype=F64).square()).round().long().tolist()
+    for spacing, plain in (("quadratic", quad), ("logsnr", nearest)):
+        ts = sch.timesteps(steps, spacing)
+        assert len(set(ts)) == steps and ts[0] == T - 1 and ts[-1] == 0, spacing
+        if len(set(plain)) == steps:
+            if spacing == "logsnr":  # nearest in λ, up to ties
+                assert all(abs(lam[t] - v) <= abs(lam[p] - v) + 1e-12 for t, p, v in zip(ts, plain, lam_targets)), ts
+            else:
+                assert ts == plain
+
+
+def test_timesteps_crowded_reference_values():
+    sch = build_schedule(type="linear", timesteps=1000)
+    assert sch.timesteps(10, "quadratic") == [999, 789, 604, 444, 308, 197, 111, 49, 12, 0]
+    ts = sch.timesteps(10, "logsnr")
+    lam = 0.5 * sch.snr.double().log()[ts]
+    # λ rises by (λ_0 − λ_999)/9 ≈ 1.08 per step
+    gaps = (lam[1:] - lam[:-1]).tolist()
+    assert ts[0] == 999 and ts[-1] == 0 and max(abs(g - gaps[0]) for g in gaps) < 0.05, (ts, gaps)
 
 
 def test_timesteps_rejects_unknown_spacing():

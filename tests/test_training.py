@@ -4,8 +4,10 @@ data stream's position and shards, mixed precision, and two processes under torc
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -20,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import diffkit.train
 from diffkit import DiffkitError, TensorData
 from diffkit.checkpoint import CheckpointDir
 from diffkit.cli import main
@@ -378,6 +381,31 @@ def test_fp16_needs_cuda():
         pytest.skip("this machine has CUDA")
     with pytest.raises(DiffkitError, match="'fp16' needs CUDA.*'bf16'"):
         Pipeline.from_spec(SPEC).fit(progress=False, steps=2, precision="fp16")
+
+
+def test_fp16_gradient_scaling_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    """The fp16 path (autocast, GradScaler's scale/unscale/step/update, the scaler's state
+    in checkpoints) run on CPU, where torch has fp16 autocast and a GradScaler too."""
+    monkeypatch.setattr(diffkit.train, "FP16_DEVICES", ("cuda", "cpu"))
+    # start the scale high enough that the first steps' fp16 gradients overflow
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**40))
+    reference = Pipeline.from_spec(SPEC)
+    result = reference.fit(out=tmp_path / "reference", progress=False, steps=40, precision="fp16")
+    assert math.isfinite(result.final_loss)
+    saved = CheckpointDir(tmp_path / "reference" / "checkpoints", 5).read(20).state["train"]["scaler"]
+    # steps with overflowing gradients were skipped and the scale halved each time
+    assert 1.0 <= saved["scale"] < 2.0**40 and saved["backoff_factor"] == 0.5, saved
+    run = Pipeline.from_spec(SPEC)
+    run.fit(out=tmp_path / "run", progress=False, steps=40, precision="fp16")
+    for path in CheckpointDir(tmp_path / "run" / "checkpoints", 5).paths(40):
+        path.unlink()
+    resumed = Pipeline.from_spec(SPEC)
+    assert resumed.fit(out=tmp_path / "run", progress=False, steps=40, precision="fp16", resume=True).resumed_from == 20
+    assert_identical(resumed._online.state_dict(), reference._online.state_dict())
+    assert_identical(resumed.denoiser.state_dict(), reference.denoiser.state_dict())
+    plain = Pipeline.from_spec(SPEC)
+    plain.fit(progress=False, steps=40)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.denoiser.parameters(), reference.denoiser.parameters()))
 
 
 def test_sample_pictures_during_training_leave_training_unchanged(tmp_path):
