@@ -397,10 +397,12 @@ def _optimizer_state(tensors: dict[str, Tensor], saved: dict[str, Any]) -> dict[
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
-    """This process's global generators: torch's CPU one, and its CUDA device's."""
+    """This process's global generators: torch's CPU one, and its CUDA device's or MPS's."""
     out = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        out["mps"] = torch.mps.get_rng_state()
     return out
 
 
@@ -516,9 +518,11 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(online, device_ids=ids)
     if resume is not None:  # last: nothing after this may draw from torch's generators before the loop
         torch.set_rng_state(resume.tensors[f"rng.rank{dist.rank}.cpu"])
-        cuda_state = resume.tensors.get(f"rng.rank{dist.rank}.cuda")
-        if device.type == "cuda" and cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
+        device_state = resume.tensors.get(f"rng.rank{dist.rank}.{device.type}")
+        if device.type == "cuda" and device_state is not None:
+            torch.cuda.set_rng_state(device_state, device)
+        elif device.type == "mps" and device_state is not None:
+            torch.mps.set_rng_state(device_state)
     params = [p for p in online.parameters() if p.requires_grad]
     constant_lr = config.warmup_steps == 0 and config.lr_schedule == "constant"
     every = config.checkpoint_every
