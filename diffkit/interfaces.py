@@ -214,7 +214,7 @@ class Schedule:
         elif spacing == "quadratic":
             ts = _distinct((T - 1) * torch.linspace(1, 0, steps, dtype=torch.float64).square(), T)
         elif spacing == "logsnr":
-            lam = self._half_log_snr()
+            lam = self.half_log_snr()
             ts = _distinct(self.nearest_log_snr(torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)), T)
         else:
             raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
@@ -225,13 +225,13 @@ class Schedule:
             out = [start] + [t for t in out if t < start]
         return out
 
-    def _half_log_snr(self) -> Tensor:
+    def half_log_snr(self) -> Tensor:
         """λ_t = ½ log SNR(t) in float64, decreasing in t (a zero terminal SNR is held at a finite floor)."""
         return 0.5 * self.snr.double().clamp_min(1e-300).log()
 
     def nearest_log_snr(self, half_log_snr: Tensor) -> Tensor:
         """The timesteps whose λ_t = ½ log SNR(t) lie nearest the given values (int64)."""
-        neg = -self._half_log_snr()  # −λ_t, increasing in t
+        neg = -self.half_log_snr()  # −λ_t, increasing in t
         target = -half_log_snr.double()
         hi = torch.searchsorted(neg, target).clamp(1, self.T - 1)
         lo = hi - 1

@@ -107,7 +107,7 @@ def noise_levels(
     if not 1 <= levels <= T:
         raise ValueError(f"the number of noise levels must be between 1 and the schedule's T = {T}, got {levels}")
     # log(σ_t/√ᾱ_t) = −λ_t: a geometric sequence of σ_t/√ᾱ_t is evenly spaced in λ_t = ½ log SNR
-    lam = 0.5 * schedule.snr.double().log()
+    lam = schedule.half_log_snr()
     targets = torch.linspace(lam[-1].item(), lam[0].item(), levels, dtype=torch.float64)
     ts = torch.unique_consecutive(schedule.nearest_log_snr(targets)).tolist()
     if start is not None:
