@@ -79,14 +79,22 @@ class MixtureDenoiser(nn.Module):
         return self.predict(x_t, t)
 
 
-def moons_oracle() -> diffkit.Pipeline:
-    """Two moons as 200 Gaussians of std 0.05 (the data's noise) spaced π/99 apart along
-    the two half circles, with the exact denoiser: what the samplers do with no network
-    error. In data coordinates, on examples/moons.yaml's linear schedule."""
+MOONS_STD = 0.05  # the data's noise: each mixture component's standard deviation
+
+
+def moons_means() -> torch.Tensor:
+    """200 points spaced π/99 apart along the two half circles of two moons, in data coordinates."""
     theta = torch.linspace(0, math.pi, 100, dtype=torch.float64)
     upper = torch.stack([theta.cos(), theta.sin()], dim=1)
     lower = torch.stack([1 - theta.cos(), 0.5 - theta.sin()], dim=1)
-    mixture = GaussianMixture(torch.cat([upper, lower]), 0.05)
+    return torch.cat([upper, lower])
+
+
+def moons_oracle() -> diffkit.Pipeline:
+    """Two moons as 200 Gaussians of std 0.05 centred on :func:`moons_means`, with the
+    exact denoiser: what the samplers do with no network error. On examples/moons.yaml's
+    linear schedule."""
+    mixture = GaussianMixture(moons_means(), MOONS_STD)
     schedule = diffkit.build("schedule", "linear", timesteps=1000)
     return diffkit.Pipeline(schedule=schedule, denoiser=MixtureDenoiser(mixture, schedule), shape=(2,))
 
@@ -94,9 +102,9 @@ def moons_oracle() -> diffkit.Pipeline:
 def mixture_draws(n: int, seed: int) -> torch.Tensor:
     """Exact draws from the mixture of :func:`moons_oracle`: what a perfect sampler of it returns."""
     g = torch.Generator().manual_seed(seed)
-    theta = torch.linspace(0, math.pi, 100, dtype=torch.float64)
-    means = torch.cat([torch.stack([theta.cos(), theta.sin()], 1), torch.stack([1 - theta.cos(), 0.5 - theta.sin()], 1)])
-    return (means[torch.randint(0, len(means), (n,), generator=g)] + 0.05 * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
+    means = moons_means()
+    picked = means[torch.randint(0, len(means), (n,), generator=g)]
+    return (picked + MOONS_STD * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
 
 
 def moons(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,8 +123,7 @@ def moons(args: argparse.Namespace) -> dict[str, Any]:
     )
     results: dict[str, Any] = {"n": n, "seeds": len(seeds), "floor": floor, "floor_se": _se(floors), "models": {}}
 
-    def distances(pipe: diffkit.Pipeline, sampler: dict[str, Any], steps: int) -> list[float]:
-        m = getattr(pipe, "bench_n", n)
+    def distances(pipe: diffkit.Pipeline, sampler: dict[str, Any], steps: int, m: int) -> list[float]:
         return [
             sliced_wasserstein(pipe.sample(m, seed=k, sampler=sampler, steps=steps, progress=False), fresh[k][:m])
             for k in seeds
@@ -140,9 +147,9 @@ def moons(args: argparse.Namespace) -> dict[str, Any]:
     for label, source, extra in models:
         short = label.split(" (")[0]
         oracle = callable(source)
+        m = min(n, 5000) if oracle else n
         if oracle:
             pipe = source()
-            pipe.bench_n = min(n, 5000)  # type: ignore[attr-defined]
         else:
             pipe = trained(ROOT / "examples" / source, RUNS / (("quick-" if args.quick else "") + Path(source).stem), train_steps)
         table: dict[str, dict[int, list[float]]] = {}
@@ -151,10 +158,10 @@ def moons(args: argparse.Namespace) -> dict[str, Any]:
             table[name] = {}
             for steps in sorted(set(model_grid) | ({reference_steps} if name == "ddpm" and not oracle else set())):
                 start = time.perf_counter()
-                table[name][steps] = d = distances(pipe, {"type": name, **(extra if name != "ddpm" else {})}, steps)
+                table[name][steps] = d = distances(pipe, {"type": name, **(extra if name != "ddpm" else {})}, steps, m)
                 show(short, name, steps, d, time.perf_counter() - start)
         if oracle:
-            exact = [sliced_wasserstein(mixture_draws(pipe.bench_n, 3000 + k), fresh[k][: pipe.bench_n]) for k in seeds]
+            exact = [sliced_wasserstein(mixture_draws(m, 3000 + k), fresh[k][:m]) for k in seeds]
             table["exact draws"] = {reference_steps: exact}
             print(f"  {short:<15} {'exact mixture draws':<22}        SW2 {statistics.mean(exact):.4f} ± {_se(exact):.4f}")
         yardstick = "exact draws" if oracle else "ddpm"
@@ -165,7 +172,7 @@ def moons(args: argparse.Namespace) -> dict[str, Any]:
             by_spacing[name] = {"trailing": table[name][20]}
             for spacing in ("quadratic", "logsnr"):
                 start = time.perf_counter()
-                by_spacing[name][spacing] = d = distances(pipe, {"type": name, "spacing": spacing, **extra}, 20)
+                by_spacing[name][spacing] = d = distances(pipe, {"type": name, "spacing": spacing, **extra}, 20, m)
                 show(short, f"{name}, {spacing}", 20, d, time.perf_counter() - start)
             for spacing, d in by_spacing[name].items():
                 # paired by seed: each ratio compares two sample sets scored against the same data draw
@@ -177,7 +184,7 @@ def moons(args: argparse.Namespace) -> dict[str, Any]:
                     f" {'exact draws' if oracle else f'{reference_steps}-step DDPM'} ({verdict} the 1.25× goal)"
                 )
             if extra:
-                d = distances(pipe, {"type": name}, 20)
+                d = distances(pipe, {"type": name}, 20, m)
                 verdicts[f"{name} unclipped"] = statistics.mean(d) / statistics.mean(ref)
                 print(f"  {label}: {name} at 20 steps without clipping: SW2 {statistics.mean(d):.4f}")
         results["models"][label] = {"table": table, "spacings_at_20": by_spacing, "ratio_at_20": verdicts}
