@@ -31,7 +31,14 @@ def add_plugin_options(p: argparse.ArgumentParser) -> None:
         help="load only the built-in plugins (same as DIFFKIT_DISABLE_PLUGIN_AUTOLOAD=1)",
     )
     g.add_argument("--plugin", action="append", default=None, metavar="NAME", help="load this plugin even with --no-autoload")
-    g.add_argument("--block", action="append", default=None, metavar="NAME", help="never load this plugin (repeatable)")
+    g.add_argument(
+        "--block",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="never load this plugin (repeatable); DIST:NAME blocks only the one distribution DIST provides, e.g. a"
+        " third party's entry point named like a built-in (DIFFKIT_BLOCK_PLUGINS)",
+    )
     g.add_argument("--strict-plugins", action="store_true", help="fail if any plugin fails to load (DIFFKIT_STRICT_PLUGINS=1)")
 
 

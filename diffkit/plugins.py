@@ -12,22 +12,34 @@ Environment variables (each also a keyword of :func:`load_plugins` and a CLI fla
 ``DIFFKIT_PLUGINS=a,b``
     plugins to load even when autoloading is off.
 ``DIFFKIT_BLOCK_PLUGINS=a,b``
-    plugins never to load. Built-in plugins are refused here, so that a typo or a
-    shared name cannot remove them; block one deliberately with
-    ``DIFFKIT_BLOCK_BUILTIN_PLUGINS``.
+    plugins never to load, each an entry-point name or ``DIST:NAME``, the name as
+    provided by one distribution only. Built-in plugins are refused here, so that a
+    typo or a shared name cannot remove them; block one deliberately with
+    ``DIFFKIT_BLOCK_BUILTIN_PLUGINS``. ``DIST:NAME`` blocks a third party's entry point
+    named like a built-in (``shadow:diffkit.schedules``) and leaves the built-in loaded.
 ``DIFFKIT_STRICT_PLUGINS=1``
     the first plugin that fails raises :class:`~diffkit.errors.PluginError`.
+
+A plugin that ends the process -- ``sys.exit`` at import or in a hook, or any other
+``BaseException`` -- fails like one that raises: it is reported and the rest load. Only a
+``KeyboardInterrupt`` from the user's Ctrl-C goes through.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
+from types import FrameType
+from typing import Any
 
 from diffkit.errors import PluginError
-from diffkit.registry import KINDS, Entry, PluginInfo, Registry
+from diffkit.registry import KINDS, Entry, PluginInfo, Registry, describe_base_exception
 
 __all__ = ["ENTRY_POINT_GROUP", "load_plugins", "check_plugins", "get_registry", "set_registry"]
 
@@ -52,8 +64,23 @@ def _dist_of(ep: EntryPoint) -> tuple[str | None, str | None]:
     return dist.metadata["Name"], dist.version
 
 
+def _normalize(dist: str) -> str:
+    """A distribution's name as pip compares names (PEP 503): ``Shadow_Plugin`` is ``shadow-plugin``."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
 def _is_builtin(dist: str | None) -> bool:
-    return dist is not None and dist.lower().replace("_", "-") == BUILTIN_DISTRIBUTION
+    return dist is not None and _normalize(dist) == BUILTIN_DISTRIBUTION
+
+
+def _blocks(ep: EntryPoint, dist: str | None, names: set[str]) -> bool:
+    """Whether the block list ``names`` names this entry point: plainly (``NAME``, every
+    distribution's) or qualified by its distribution (``DIST:NAME``)."""
+    if ep.name in names:
+        return True
+    return dist is not None and any(
+        _normalize(d) == _normalize(dist) and n == ep.name for d, _, n in (b.partition(":") for b in names if ":" in b)
+    )
 
 
 def load_plugins(
@@ -76,11 +103,21 @@ def load_plugins(
 
     eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not _is_builtin(_dist_of(e)[0]), e.name))
     builtin_names = {ep.name for ep in eps if _is_builtin(_dist_of(ep)[0])}
-    refused = block & builtin_names
+    refused = sorted(
+        b for b in block if b in builtin_names or (":" in b and _is_builtin(b.partition(":")[0]))
+    )
     if refused:
+        # the usual reason to name a built-in here is a third party's entry point of the same name
+        impostors = sorted(
+            f"'{dist}:{ep.name}'"
+            for ep in eps
+            if ep.name in block and (dist := _dist_of(ep)[0]) is not None and not _is_builtin(dist)
+        )
+        alone = f" To block only {' or '.join(impostors)}, name its distribution as shown." if impostors else ""
         raise PluginError(
-            f"refusing to block built-in plugin(s) {', '.join(sorted(refused))}: the built-ins cannot be"
-            " blocked through the ordinary block list. To block one deliberately, name it in"
+            f"refusing to block built-in plugin(s) {', '.join(refused)}: the built-ins cannot be"
+            f" blocked through the ordinary block list.{alone} To block another distribution's plugin of that"
+            " name, write DIST:NAME. To block a built-in deliberately, name it in"
             " DIFFKIT_BLOCK_BUILTIN_PLUGINS (or block_builtins=...)."
         )
     block |= block_builtins
@@ -89,17 +126,26 @@ def load_plugins(
     for ep in eps:
         dist, version = _dist_of(ep)
         builtin = _is_builtin(dist)
-        if ep.name in block:
+        if _blocks(ep, dist, block):
             registry.plugins.append(PluginInfo(ep.name, dist, version, "blocked", builtin=builtin))
             continue
         if not (builtin or autoload or ep.name in include):
             registry.plugins.append(PluginInfo(ep.name, dist, version, "not-loaded", builtin=builtin))
             continue
         try:
-            plugin = ep.load()
-            registry.register_plugin(plugin, ep.name, distribution=dist, version=version, builtin=builtin)
+            with _ctrl_c_watch() as pressed:
+                plugin = _load(ep, pressed)
+                try:
+                    registry.register_plugin(plugin, ep.name, distribution=dist, version=version, builtin=builtin)
+                except KeyboardInterrupt:
+                    if pressed():
+                        raise
+                    raise _Contained("raised KeyboardInterrupt in a hook") from None
         except Exception as exc:  # isolation: one broken plugin must not take the rest down
-            message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}{_import_hint(exc)}"
+            if isinstance(exc, (PluginError, _Contained)):
+                message = str(exc)
+            else:
+                message = f"{type(exc).__name__}: {exc}{_import_hint(exc)}"
             if strict:
                 raise PluginError(
                     f"plugin '{ep.name}' from {dist or 'an unknown distribution'} {version or ''} failed to load"
@@ -109,6 +155,50 @@ def load_plugins(
             info.traceback = traceback.format_exc()  # type: ignore[attr-defined]
             registry.plugins.append(info)
     return registry
+
+
+class _Contained(Exception):
+    """A ``BaseException`` from a plugin, turned into an ordinary failure of that plugin."""
+
+
+@contextmanager
+def _ctrl_c_watch() -> Iterator[Callable[[], bool]]:
+    """Tell a Ctrl-C apart from a plugin raising ``KeyboardInterrupt`` itself: while a
+    plugin loads, SIGINT is noted before Python's handler raises as it always does.
+    Yields a function saying whether SIGINT arrived. Where the handler cannot be
+    watched (another thread, a handler that is not Python's), every
+    ``KeyboardInterrupt`` counts as the user's."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield lambda: True
+        return
+    arrived = False
+
+    def noted(signum: int, frame: FrameType | None) -> Any:
+        nonlocal arrived
+        arrived = True
+        return previous(signum, frame)  # type: ignore[operator]
+
+    signal.signal(signal.SIGINT, noted)
+    try:
+        yield lambda: arrived
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _load(ep: EntryPoint, pressed: Callable[[], bool]) -> object:
+    """Import a plugin; whatever ``BaseException`` the import raises, other than the
+    user's Ctrl-C, becomes an ordinary failure of that plugin."""
+    try:
+        return ep.load()
+    except KeyboardInterrupt:
+        if pressed():
+            raise
+        raise _Contained("raised KeyboardInterrupt at import") from None
+    except Exception:
+        raise
+    except BaseException as exc:  # SystemExit, GeneratorExit, ...: a plugin must not end the process
+        raise _Contained(f"{describe_base_exception(exc)} at import") from exc
 
 
 def _import_hint(exc: Exception) -> str:

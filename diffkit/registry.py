@@ -124,6 +124,7 @@ class Registry:
                 f" {hookspecs.API_VERSION}; a plugin written for another version may implement its hooks differently)"
             ) from exc
         new: list[Entry] = []
+        hook_called: str | None = None
         try:
             # pluggy accepts a hookimpl with no matching hookspec; a misspelt hook would
             # then contribute nothing without a word (optionalhook=True opts out).
@@ -138,16 +139,20 @@ class Registry:
                 for impl in getattr(self.pm.hook, hook).get_hookimpls():
                     if impl.plugin_name != name:
                         continue
+                    hook_called = hook
                     records = impl.function()
+                    hook_called = None
                     for rec in records or []:
                         entry = self._entry(kind, rec, name, distribution, version)
                         if any(e.kind == kind and e.name == entry.name for e in new):
                             raise PluginError(f"plugin '{name}' gives more than one {kind} named '{entry.name}'")
                         new.append(entry)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit in a hook is the plugin's failure, not the end of the process
             self.pm.unregister(name=name)
-            if isinstance(exc, PluginError):
-                raise
+            if isinstance(exc, (PluginError, KeyboardInterrupt)):
+                raise  # whether a KeyboardInterrupt was the user's Ctrl-C, the caller knows
+            if not isinstance(exc, Exception):
+                raise PluginError(f"plugin '{name}' {describe_base_exception(exc)} in its hook {hook_called}") from exc
             raise PluginError(f"plugin '{name}' failed in its hook: {type(exc).__name__}: {exc}") from exc
         for entry in new:
             self.entries[entry.kind].append(entry)
@@ -301,6 +306,15 @@ class Registry:
                     "status": p.status,
                     "error": p.error,
                 }
+
+
+def describe_base_exception(exc: BaseException) -> str:
+    """What a plugin did, for an exception that is not an ``Exception`` (it would end the
+    process): ``called sys.exit(0)``, ``raised GeneratorExit: why``."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    text = str(exc)
+    return f"raised {type(exc).__name__}{': ' + text if text else ''}"
 
 
 def _check_api_version(plugin: object, name: str, distribution: str | None, version: str | None) -> None:
