@@ -12,6 +12,7 @@ as an unknown component::
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 
@@ -36,13 +37,19 @@ def requirement_problem(text: str) -> str | None:
     try:
         installed = version(req.name)
     except PackageNotFoundError:
-        return f"{req.name} is not installed; the spec requires {text!r}. Install it with: pip install '{text}'"
+        return f"{req.name} is not installed; the spec requires {text!r}. Install it with: {_pip_install(text)}"
     if req.specifier and not req.specifier.contains(installed, prereleases=True):
         return (
             f"{req.name} {installed} is installed, but the spec requires {req.name}{req.specifier}."
-            f" Install a matching version with: pip install '{text}'"
+            f" Install a matching version with: {_pip_install(text)}"
         )
     return None
+
+
+def _pip_install(text: str) -> str:
+    """The command that installs ``text``, quoted so that a shell reads the requirement
+    as written (``>`` would redirect, and a marker holds quotes of its own)."""
+    return f"pip install {shlex.quote(text)}"
 
 
 def check_requirements(requires: Iterable[str]) -> None:
