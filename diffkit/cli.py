@@ -205,7 +205,7 @@ def _check_plugins(registry: Registry, *, as_json: bool) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from diffkit.spec import load_spec
 
-    spec = load_spec(args.spec, load_registry(args))
+    spec = load_spec(args.spec, load_registry(args), check_inputs=True)
     summary = ", ".join(f"{s}: {getattr(spec, s).type}" for s in ("data", "schedule", "denoiser", "objective", "sampler"))
     print(f"{args.spec} is valid ({summary})")
     return 0

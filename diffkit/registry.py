@@ -49,6 +49,10 @@ class Component:
     check: Callable[[Any, Any], list[str]] | None = None
     data_shape: Callable[[Any], tuple[int, ...] | None] | None = None
     """For datasets: the shape of one sample from the parameters alone, without loading."""
+    check_inputs: Callable[[Any], list[tuple[str, str]]] | None = None
+    """Problems with what the component will read from outside the spec (a data folder),
+    as ``(parameter, message)`` pairs, found without loading it. ``diffkit validate`` runs
+    it; reading a finished run does not, since its training data may since have moved."""
 
 
 @dataclass(frozen=True)

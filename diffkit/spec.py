@@ -496,12 +496,16 @@ def iter_sections(spec: Spec) -> Iterator[tuple[str, str, BaseModel]]:
         yield from _sections(getattr(spec, section), section, kind)
 
 
-def validate_spec(data: Any, registry: Registry | None = None, *, source: str | None = None) -> Spec:
+def validate_spec(
+    data: Any, registry: Registry | None = None, *, source: str | None = None, check_inputs: bool = False
+) -> Spec:
     """Validate a spec given as a dict (or a Spec) against the installed components.
 
     Raises :class:`~diffkit.errors.SpecError` listing every problem with its field
     path; then runs each component's cross-checks (e.g. network against data shape),
-    those of nested sections included.
+    those of nested sections included. With ``check_inputs``, also what components will
+    read from outside the spec (``Component.check_inputs``: an image folder that exists
+    and holds images), as ``diffkit validate`` does.
     """
     registry = registry or get_registry()
     model = spec_model(registry)
@@ -521,6 +525,9 @@ def validate_spec(data: Any, registry: Registry | None = None, *, source: str | 
             check = registry.get(kind, section_model.type).component.check
             if check is not None:
                 problems += [(path, msg) for msg in check(section_model, spec)]
+            check_in = registry.get(kind, section_model.type).component.check_inputs if check_inputs else None
+            if check_in is not None:
+                problems += [(f"{path}.{field}", msg) for field, msg in check_in(section_model)]
         # The schedule is cheap to build; building it catches parameters that validate one
         # by one but give no valid ᾱ (e.g. ᾱ underflowing to 0).
         try:
@@ -594,12 +601,15 @@ def _parse(path: Path) -> Any:
     raise SpecError([("", f"unknown spec format '{suffix}'; use .yaml, .yml, .json or .toml")], str(path))
 
 
-def load_spec(spec: str | Path | Mapping[str, Any] | Spec, registry: Registry | None = None) -> Spec:
-    """A validated spec from a file path (YAML, JSON or TOML), a dict, or a Spec."""
+def load_spec(
+    spec: str | Path | Mapping[str, Any] | Spec, registry: Registry | None = None, *, check_inputs: bool = False
+) -> Spec:
+    """A validated spec from a file path (YAML, JSON or TOML), a dict, or a Spec
+    (``check_inputs``: see :func:`validate_spec`)."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
-        return validate_spec(_parse(path), registry, source=str(path))
-    return validate_spec(spec, registry)
+        return validate_spec(_parse(path), registry, source=str(path), check_inputs=check_inputs)
+    return validate_spec(spec, registry, check_inputs=check_inputs)
 
 
 def to_dict(spec: Spec) -> dict[str, Any]:

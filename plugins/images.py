@@ -297,6 +297,43 @@ def image_folder(params: ImageFolderParams, ctx: BuildContext) -> ImageFolderDat
     return ds
 
 
+def _check_image_folder(params: ImageFolderParams) -> list[tuple[str, str]]:
+    """The folder exists and every class subfolder holds an image, by the rules
+    torchvision's ImageFolder applies when training loads it; one image per class is
+    enough to know, so a large folder is not walked whole."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    root = params.root
+    fix = "set root to a folder with one subfolder of images per class (root/<class>/<image>.png)"
+    if not os.path.exists(root):
+        return [("root", f"image folder {_where(root)} does not exist; {fix}")]
+    if not os.path.isdir(root):
+        return [("root", f"{_where(root)} is not a directory; {fix}")]
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError as exc:
+        return [("root", f"image folder {_where(root)} cannot be read ({exc.strerror}); {fix}")]
+    if not classes:
+        return [("root", f"image folder {_where(root)} has no class subfolders; {fix} (one subfolder for unlabelled data)")]
+
+    def has_image(folder: str) -> bool:
+        for _, _, files in os.walk(folder, followlinks=True):
+            if any(has_file_allowed_extension(f, IMG_EXTENSIONS) for f in files):
+                return True
+        return False
+
+    empty = [c for c in classes if not has_image(os.path.join(root, c))]
+    if empty:
+        return [
+            (
+                "root",
+                f"image folder {_where(root)} has no images in class folder(s) {', '.join(empty)}"
+                f" (images are files ending {', '.join(IMG_EXTENSIONS)}); add images or remove those folders",
+            )
+        ]
+    return []
+
+
 def _image_folder_shape(params: ImageFolderParams) -> tuple[int, ...]:
     return (params.channels, params.size, params.size)
 
@@ -323,5 +360,6 @@ def diffkit_datasets() -> list[Component]:
             ImageFolderParams,
             "A folder of images, one subfolder per class.",
             data_shape=_image_folder_shape,
+            check_inputs=_check_image_folder,
         ),
     ]
