@@ -375,6 +375,10 @@ def masked_view(x: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
 # -- files (for the command line) ------------------------------------------------------------
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_SUFFIXES = (".npy", ".png")
+MAX_INPUT_PIXELS = 4096 * 4096
+"""The largest image an application reads: 16 times the pixels of the largest model
+(1024 × 1024) and 200 MB as float32 RGB. Beyond it, a small compressed file (a
+decompression bomb) could claim gigabytes once decoded."""
 
 
 def read_input(path: str | Path, channels: int | None = None) -> Tensor:
@@ -393,13 +397,32 @@ def read_input(path: str | Path, channels: int | None = None) -> Tensor:
             raise DiffkitError(f"{path} holds {array.dtype} values; it must hold numbers")
         return torch.from_numpy(np.asarray(array, dtype=np.float32))
     if suffix in IMAGE_SUFFIXES:
+        import re
+        import warnings
+
         from PIL import Image, UnidentifiedImageError
 
+        def too_large(pixels: int | None, size: str = "") -> DiffkitError:
+            count = f"{pixels:,} pixels{size}" if pixels is not None else "too many pixels"
+            return DiffkitError(
+                f"{path} has {count}, more than the {MAX_INPUT_PIXELS:,} an input image may have"
+                " (it may be a decompression bomb); resize it to the model's size first"
+            )
+
         try:
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DiffkitError(f"{path} is not a readable image ({exc})") from None
+            # PIL warns past its own limit and refuses twice that when opening; the size in
+            # the header is checked here, against a lower limit, before a pixel is decoded.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    if img.width * img.height > MAX_INPUT_PIXELS:
+                        raise too_large(img.width * img.height, f" ({img.width}×{img.height})")
+                    pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))  # PIL: "Image size (N pixels) exceeds limit ..."
+            raise too_large(int(found.group(1)) if found else None) from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:  # ValueError: oversized PNG text chunks
+            raise DiffkitError(f"{path} is not a readable image ({' '.join(str(exc).split())})") from None
         x = torch.from_numpy(pixels)
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
         return (x / 127.5 - 1.0).unsqueeze(0)
