@@ -1,7 +1,8 @@
 """Shared test setup: isolate each test from the user's environment and from the
-process-wide registry, build throwaway plugin distributions (``make_dist``), and keep
+process-wide registry, build throwaway plugin distributions (``make_dist``), keep
 torch to one thread (the tests' models are tiny, and
-on a busy machine torch's worker threads spin far longer than the work takes)."""
+on a busy machine torch's worker threads spin far longer than the work takes), and fail
+a run in which a test was skipped for a reason not in ``ALLOWED_SKIPS``."""
 
 from __future__ import annotations
 
@@ -72,3 +73,54 @@ def make_dist(tmp_path, monkeypatch):
         for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
             del sys.modules[name]
     importlib.invalidate_caches()
+
+
+# -- skips ------------------------------------------------------------------------------------
+# A test skipped in a fresh clone is a test that does not exist: what a test needs is
+# installed by the test extra (pip install -e '.[test]'), so a skip for any other reason
+# (an importorskip whose package is missing, above all) fails the run. These are the
+# reasons a test may give; use one of them, word for word, or add it here with why.
+ALLOWED_SKIPS: dict[str, str] = {
+    # hardware a machine may not have
+    "needs CUDA": "a test of GPU code, on a machine without one",
+    "needs several GPUs": "a test of multi-GPU code, on a machine with fewer",
+    # tests/test_training.py: the error checked exists only where CUDA does not
+    "this machine has CUDA": "fp16 without CUDA is an error; with CUDA it trains, as tests of GPU code check",
+    # tests/test_examples.py: one case of the parametrised example spec tests
+    "CIFAR-10's files are checksummed; tests/test_image_datasets.py covers reading them": (
+        "the example cannot be given fake CIFAR-10 files; its reading is tested apart"
+    ),
+}
+
+_unexpected_skips: list[tuple[str, str]] = []
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if reason not in ALLOWED_SKIPS:
+            _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if not _unexpected_skips:
+        return
+    n = len(_unexpected_skips)
+    terminalreporter.section("unexpected skips", sep="=", red=True, bold=True)
+    terminalreporter.line(
+        f"{n} test{' was' if n == 1 else 's were'} skipped for a reason not allowed in tests/conftest.py's"
+        " ALLOWED_SKIPS; install what they need (pip install -e '.[test]') or fix the test:"
+    )
+    for nodeid, reason in _unexpected_skips:
+        terminalreporter.line(f"  {nodeid}: {reason}")

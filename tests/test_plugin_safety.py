@@ -402,7 +402,7 @@ def test_an_unexpected_skip_fails_the_run_and_is_named(tmp_path):
     result = _pytest_with_our_conftest(tmp_path, extra)
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
-    assert "1 test skipped for a reason not allowed" in out
+    assert "1 test was skipped for a reason not allowed" in out
     assert "test_extra.py::test_needs_a_package" in out and "no_such_module_for_diffkit" in out
     assert "test_allowed.py::test_allowed" not in out.partition("not allowed")[2]
 
