@@ -314,7 +314,9 @@ def _check_image_folder(params: ImageFolderParams) -> list[tuple[str, str]]:
     except OSError as exc:
         return [("root", f"image folder {_where(root)} cannot be read ({exc.strerror}); {fix}")]
     if not classes:
-        return [("root", f"image folder {_where(root)} has no class subfolders; {fix} (one subfolder for unlabelled data)")]
+        return [
+            ("root", f"image folder {_where(root)} has no class subfolders; {fix} (one subfolder for unlabelled data)")
+        ]
 
     def has_image(folder: str) -> bool:
         for _, _, files in os.walk(folder, followlinks=True):

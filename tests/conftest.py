@@ -23,6 +23,10 @@ for _name in [k for k in os.environ if k.startswith("DIFFKIT_")]:
 
 torch.set_num_threads(1)
 
+# pytester runs a pytest session inside a test (tests/test_plugin_safety.py checks the
+# skip policy below that way)
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(autouse=True)
 def _restore_global_registry():

@@ -5,12 +5,9 @@ memory with a decompression bomb, or hide a test behind a skip."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import struct
-import subprocess
-import sys
 import textwrap
 import zlib
 from pathlib import Path
@@ -381,36 +378,29 @@ def test_passes():
 """
 
 
-def _pytest_with_our_conftest(tmp_path: Path, extra_test: str | None) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text(encoding="utf-8"))
-    (tmp_path / "test_allowed.py").write_text(SKIPPING_TESTS)
+def _pytest_with_our_conftest(pytester: pytest.Pytester, extra_test: str | None) -> pytest.RunResult:
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text(encoding="utf-8"))
+    pytester.makepyfile(test_allowed=SKIPPING_TESTS)
     if extra_test is not None:
-        (tmp_path / "test_extra.py").write_text(extra_test)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+        pytester.makepyfile(test_extra=extra_test)
+    return pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
 
 
-def test_an_unexpected_skip_fails_the_run_and_is_named(tmp_path):
+def test_an_unexpected_skip_fails_the_run_and_is_named(pytester):
     extra = 'import pytest\n\ndef test_needs_a_package():\n    pytest.importorskip("no_such_module_for_diffkit")\n'
-    result = _pytest_with_our_conftest(tmp_path, extra)
-    assert result.returncode == 1, result.stdout + result.stderr
-    out = result.stdout
+    result = _pytest_with_our_conftest(pytester, extra)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
     assert "1 test was skipped for a reason not allowed" in out
-    assert "test_extra.py::test_needs_a_package" in out and "no_such_module_for_diffkit" in out
+    assert "test_extra.py::test_needs_a_package: could not import 'no_such_module_for_diffkit'" in out
     assert "test_allowed.py::test_allowed" not in out.partition("not allowed")[2]
 
 
-def test_allowed_skips_pass_the_run(tmp_path):
-    result = _pytest_with_our_conftest(tmp_path, None)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed, 1 skipped" in result.stdout
+def test_allowed_skips_pass_the_run(pytester):
+    result = _pytest_with_our_conftest(pytester, None)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    result.assert_outcomes(passed=1, skipped=1)
+    assert "not allowed" not in result.stdout.str()
 
 
 def test_the_test_extra_installs_what_the_tests_import_or_skip():
@@ -420,5 +410,7 @@ def test_the_test_extra_installs_what_the_tests_import_or_skip():
         import tomli as tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
-    extra = {r.split(">")[0].split("[")[0].split("=")[0].strip() for r in pyproject["project"]["optional-dependencies"]["test"]}
+    from packaging.requirements import Requirement
+
+    extra = {Requirement(r).name for r in pyproject["project"]["optional-dependencies"]["test"]}
     assert {"jsonschema", "tensorboard"} <= extra
