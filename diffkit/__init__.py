@@ -24,6 +24,8 @@ from diffkit.interfaces import (
     report,
 )
 from diffkit.plugins import get_registry, load_plugins, set_registry
+from diffkit.process import Process
+from diffkit.sampling import Denoised, StepContext, StepSamplerBase
 from diffkit.registry import Component, Params, Registry
 
 __version__ = "0.1.0"
@@ -51,6 +53,7 @@ __all__ = [
     "Component",
     "ComponentLookupError",
     "Dataset",
+    "Denoised",
     "Denoiser",
     "DiffkitError",
     "Guidance",
@@ -59,12 +62,15 @@ __all__ = [
     "Pipeline",
     "PluginError",
     "Predict",
+    "Process",
     "Registry",
     "Sampler",
     "Schedule",
     "Spacing",
     "SpecError",
     "StepCallback",
+    "StepContext",
+    "StepSamplerBase",
     "TensorData",
     "build",
     "get_registry",

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkit import diffusion as D
+from diffkit.process import Grid, Process, karras_sigmas
 
 __all__ = [
     "Schedule",
+    "network_output",
     "Denoiser",
     "Objective",
     "Predict",
@@ -92,12 +94,21 @@ def _distinct(targets: Tensor, T: int) -> Tensor:
     return torch.tensor([min(t, T - 1 - i) for i, t in enumerate(ts)], dtype=torch.long)
 
 
-class Schedule:
-    """The forward process, defined by ᾱ_t = ∏_{s≤t} (1 − β_s) for t = 0..T-1.
+class Schedule(Process):
+    """The discrete forward process, defined by ᾱ_t = ∏_{s≤t} (1 − β_s) for t = 0..T-1.
 
     A plugin computes ᾱ (or β) once; everything else is derived here in float64 so
     that every schedule shares one implementation of q_sample and the posterior.
+
+    As a :class:`~diffkit.process.Process` it has α_t = √ᾱ_t and σ_t = √(1 − ᾱ_t) exactly
+    at integer t (t = −1: clean data), and between integers log σ̃ = log(σ/α) is
+    interpolated linearly, as k-diffusion's ``DiscreteSchedule`` does, so samplers that
+    move in continuous time can drive a network trained on the table.
     """
+
+    t_min = 0.0
+    t_clean = -1.0
+    discrete = True
 
     def __init__(self, alphas_cumprod: Tensor) -> None:
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
@@ -225,6 +236,94 @@ class Schedule:
             out = [start] + [t for t in out if t < start]
         return out
 
+    # -- the Process view ------------------------------------------------------------
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return float(self.T - 1)
+
+    def _log_sigma_tilde(self) -> Tensor:
+        table = self.__dict__.get("_lst")
+        if table is None:
+            table = 0.5 * ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).log()
+            self.__dict__["_lst"] = table
+        return table
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """α, σ = √ᾱ_t, √(1 − ᾱ_t) from the table at integer t (−1: 1, 0), log σ̃ linear between
+        integers and σ̃ linear on [−1, 0]."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        T = self.T
+        tc = t.clamp(-1.0, T - 1.0)
+        lo = tc.floor().clamp(0, T - 2).long()
+        lst = self._log_sigma_tilde().to(t.device)
+        w = tc.clamp_min(0.0) - lo.double()
+        sig = torch.exp(lst[lo] * (1 - w) + lst[lo + 1] * w)
+        sig = torch.where(tc < 0, (tc + 1.0) * lst[0].exp(), sig)
+        a = torch.rsqrt(1.0 + sig * sig)
+        s = sig * a
+        exact = tc == tc.round()
+        idx = tc.round().long().clamp(-1, T - 1) + 1
+        abar = self._abar_ext.to(t.device)[idx]
+        a = torch.where(exact, abar.sqrt(), a)
+        s = torch.where(exact, (1.0 - abar).sqrt(), s)
+        return a, s
+
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """dα/dt, dσ/dt of the interpolation on the segment [⌈t⌉ − 1, ⌈t⌉] (the one a
+        sampler moving toward the clean data crosses next), in closed form."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        T = self.T
+        lst = self._log_sigma_tilde().to(t.device)
+        tc = t.clamp(-1.0, T - 1.0)
+        hi = tc.ceil().clamp(1, T - 1).long()
+        slope = lst[hi] - lst[hi - 1]  # d log σ̃ / dt
+        a, s = self.alpha_sigma(tc)
+        sig = s / a
+        dsig = slope * sig
+        dsig = torch.where(tc <= 0, torch.where(tc < 0, lst[0].exp(), dsig), dsig)
+        da = -sig * dsig * a**3
+        ds = dsig * a + sig * da
+        return da, ds
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        """The integer timestep itself (int64) when every t is one, as 0.1 networks were
+        trained on; the fractional t (float32) otherwise."""
+        t = torch.as_tensor(t)
+        if not t.is_floating_point():
+            return t.long()
+        return t.long() if bool((t == t.round()).all()) else t.float()
+
+    def sample_t(self, batch: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+        """t uniform over the T integer steps (Ho et al. 2020, Alg. 1), int64."""
+        return torch.randint(0, self.T, (batch,), device=device, generator=generator)
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.as_tensor(t)
+        if not t.is_floating_point():  # the exact table, as 0.1 computed it
+            abar = self.alpha_bar(t, like)
+            return abar.sqrt(), (1.0 - abar).sqrt()
+        return super().coefficients(t, like)
+
+    def grid(self, steps: int, spacing: Grid | None = None, *, rho: float = 7.0, start: float | None = None) -> Tensor:
+        """The 0.1 timesteps (:meth:`timesteps`) then −1; ``karras`` gives fractional t whose σ̃
+        follow Karras et al. 2022, Eq. 5."""
+        spacing = spacing or self.default_grid
+        if spacing == "karras":
+            lst = self._log_sigma_tilde()
+            hi_t = self.t_max if start is None else float(start)
+            s_hi = float(self.sigma_tilde(torch.tensor(hi_t, dtype=torch.float64)))
+            ts = self.t_of_sigma_tilde(karras_sigmas(s_hi, float(lst[0].exp()), int(steps), rho))
+            ts[0] = hi_t
+            if steps > 1:
+                ts[-1] = 0.0
+        else:
+            st = None if start is None else int(round(float(start)))
+            ts = torch.tensor(self.timesteps(int(steps), spacing, start=st), dtype=torch.float64)
+        return torch.cat([ts, torch.tensor([-1.0], dtype=torch.float64)])
+
     def half_log_snr(self) -> Tensor:
         """λ_t = ½ log SNR(t) in float64, decreasing in t (a zero terminal SNR is held at a finite floor)."""
         return 0.5 * self.snr.double().clamp_min(1e-300).log()
@@ -255,12 +354,24 @@ class Denoiser(Protocol):
     def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
 
 
+def network_output(
+    denoiser: nn.Module | Denoiser, process: Process, x_t: Tensor, t: Tensor, cond: Tensor | None = None
+) -> Tensor:
+    """The network's raw output at (x_t, t): it sees c_in(t)·x_t and the process's
+    conditioning value c(t) (Karras et al. 2022, Eq. 7: F_θ(c_in x; c_noise))."""
+    c_in = process.input_scale(t)
+    x = x_t if c_in is None else D.expand_like(c_in.to(device=x_t.device, dtype=x_t.dtype), x_t) * x_t
+    return denoiser(x, process.conditioning(t).to(x_t.device), cond)
+
+
 class Objective(ABC):
     """What the network's output means, and the loss that teaches it.
 
-    A subclass says what the network regresses to (:meth:`target`), how its output
-    converts to ε̂ (:meth:`to_eps`) and, optionally, a per-timestep weight. The loss,
-    and the conversions to x̂_0 and the score, are shared.
+    A subclass says what the network regresses to (:meth:`target`) and how its output
+    converts to the model's estimates (:meth:`denoised`: x̂_0 and ε̂, consistent with
+    x_t = α x̂_0 + σ ε̂), for any :class:`~diffkit.process.Process`. The score and the
+    probability-flow velocity follow from those (:meth:`to_score`, :meth:`to_velocity`);
+    the loss is shared. A 0.1 objective that gives only :meth:`to_eps` keeps working.
 
     Min-SNR-γ weighting (Hang et al. 2023) is an option of every objective that names
     its ``parameterization`` (``"eps"``, ``"x0"`` or ``"v"``): pass ``min_snr_gamma``
@@ -286,39 +397,60 @@ class Objective(ABC):
         self.min_snr_gamma = min_snr_gamma
 
     @abstractmethod
-    def target(self, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+    def target(self, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
         """The regression target of the network for this x_0, ε and t."""
 
-    @abstractmethod
-    def to_eps(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+    def to_eps(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
         """Convert the network's output to the noise estimate ε̂."""
+        return self.denoised(output, x_t, t, schedule)[1]
 
-    def weight(self, t: Tensor, schedule: Schedule, like: Tensor) -> Tensor | None:
+    def denoised(self, output: Tensor, x_t: Tensor, t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+        """(x̂_0, ε̂) from the network's output. By default from :meth:`to_eps`, with
+        x̂_0 = (x_t − σ ε̂)/α; objectives whose output is nearer x_0 override it."""
+        if type(self).to_eps is Objective.to_eps:
+            raise NotImplementedError(f"{type(self).__name__} must define denoised() or to_eps()")
+        eps = self.to_eps(output, x_t, t, process)
+        a, s = process.coefficients(t, x_t)
+        return (x_t - s.to(x_t.dtype) * eps) / a.to(x_t.dtype), eps
+
+    def snr(self, t: Tensor, process: Process, like: Tensor) -> Tensor:
+        """SNR(t) = α²/σ² per sample, shape ``[batch]``, float64."""
+        if isinstance(process, Schedule) and not torch.as_tensor(t).is_floating_point():
+            return process.snr.to(t.device)[t]
+        a, s = process.alpha_sigma(torch.as_tensor(t, dtype=torch.float64).cpu())
+        return (a * a / (s * s)).to(like.device)
+
+    def weight(self, t: Tensor, schedule: Process, like: Tensor) -> Tensor | None:
         """Per-sample loss weight λ(t) of shape ``[batch]``, or ``None`` for uniform.
 
         With ``min_snr_gamma`` set, the min-SNR-γ weight of this objective's target
-        (Hang et al. 2023), tabulated over t in float64 and cast to ``like``'s dtype.
+        (Hang et al. 2023), in float64 and cast to ``like``'s dtype.
         """
         if self.min_snr_gamma is None:
             return None
         assert self.parameterization is not None  # checked in __init__
-        table = D.min_snr_weight(schedule.snr, self.min_snr_gamma, self.parameterization)
-        return table.to(like.dtype).to(t.device)[t]
+        w = D.min_snr_weight(self.snr(t, schedule, like), self.min_snr_gamma, self.parameterization)
+        return w.to(like.dtype).to(like.device)
+
+    def sample_t(self, process: Process, batch: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """How training draws t: the process's own rule unless the objective has one."""
+        return process.sample_t(batch, generator=generator, device=device)
 
     def loss(
         self,
         denoiser: nn.Module | Denoiser,
-        schedule: Schedule,
+        schedule: Process,
         x0: Tensor,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """E_{t, ε} λ(t) ‖f_θ(x_t, t) − target‖²: t uniform over the T steps, ε ~ N(0, I)
-        (Ho et al. 2020, Alg. 1 and Eq. 14, with the target set by the objective)."""
-        t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device, generator=generator)
+        """E_{t, ε} λ(t) ‖F_θ(x_t, t) − target‖²: t drawn as the process says (uniform over a
+        table's T steps), ε ~ N(0, I) (Ho et al. 2020, Alg. 1 and Eq. 14, with the target
+        set by the objective)."""
+        t = self.sample_t(schedule, x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = schedule.q_sample(x0, t, eps)
-        output = denoiser(x_t, t, cond)
+        output = network_output(denoiser, schedule, x_t, t, cond)
         target = self.target(x0, eps, x_t, t, schedule)
         w = self.weight(t, schedule, x0)
         if w is None:
@@ -326,13 +458,22 @@ class Objective(ABC):
         per_sample = (output - target).square().flatten(1).mean(dim=1)
         return (w * per_sample).mean()
 
-    def to_x0(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
+    def to_x0(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
         """The network's estimate of the clean data x̂_0."""
-        return D.eps_to_x0(self.to_eps(output, x_t, t, schedule), x_t, schedule.alpha_bar(t, x_t))
+        return self.denoised(output, x_t, t, schedule)[0]
 
-    def to_score(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
-        """The network's estimate of the score ∇ log p(x_t)."""
-        return D.eps_to_score(self.to_eps(output, x_t, t, schedule), schedule.alpha_bar(t, x_t))
+    def to_score(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
+        """The network's estimate of the score ∇ log p(x_t) = −ε̂/σ (Tweedie)."""
+        eps = self.denoised(output, x_t, t, schedule)[1]
+        _, s = schedule.coefficients(t, x_t)
+        return -eps / s.to(x_t.dtype)
+
+    def to_velocity(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
+        """The probability-flow ODE's dx/dt = α'(t) x̂_0 + σ'(t) ε̂ (Song et al. 2021, Eq. 13)."""
+        x0, eps = self.denoised(output, x_t, t, schedule)
+        da, ds = schedule.derivatives(torch.as_tensor(t, dtype=torch.float64).cpu())
+        da, ds = D.expand_like(da.to(x_t.device, x_t.dtype), x_t), D.expand_like(ds.to(x_t.device, x_t.dtype), x_t)
+        return da * x0 + ds * eps
 
 
 @runtime_checkable
@@ -481,3 +622,6 @@ class BuildContext:
     num_classes: int | None = None
     seed: int = 0
     data_kind: str = "points"
+    data_diameter: float | None = None
+    """The largest distance between two training samples in model space (what ``ve``'s
+    σ_max defaults to, Song & Ermon 2020, Technique 1); ``None`` where unknown."""

@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from diffkit.interfaces import Schedule
+from diffkit.process import Process
+from diffkit.sampling import Denoised, DenoiseFn
 
-__all__ = ["GaussianData", "GaussianMixture"]
+__all__ = ["GaussianData", "GaussianMixture", "process_coefficients"]
 
 Predict = Callable[[Tensor, Tensor], Tensor]
 
@@ -52,6 +54,13 @@ def _abar_ext(schedule: Schedule) -> Tensor:
     t = -1 (clean data) reads row 0, matching :meth:`Schedule.alpha_bar`."""
     abar = schedule.alphas_cumprod.to(torch.float64).cpu()
     return torch.cat([abar.new_ones(1), abar])
+
+
+def process_coefficients(process: Process, t: Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """α(t), σ(t) of ``process`` as float64 ``[batch, 1]`` on ``device``."""
+    tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+    a, s = process.alpha_sigma(tt.expand(batch) if tt.numel() == 1 else tt)
+    return a.to(device).reshape(batch, 1), s.to(device).reshape(batch, 1)
 
 
 def _flatten(x: Tensor, dim: int) -> Tensor:
@@ -136,6 +145,25 @@ class GaussianData:
         y, inv, _ = self._whiten(flat, a)
         logdet = -inv.log().sum(dim=1)
         return -0.5 * ((y.square() * inv).sum(dim=1) + logdet + self.dim * math.log(2 * math.pi))
+
+    def denoiser(self, process: Process) -> DenoiseFn:
+        """The exact (x̂_0, ε̂) = (E[x_0 | x_t], E[ε | x_t]) under any process x_t = α x_0 + σ ε:
+        with r = Uᵀ(x_t − αμ) and d = α²λ + σ² (C = α²Σ + σ²I in the eigenbasis),
+        ε̂ = U(σ r/d) and x̂_0 = μ + U(αλ r/d) (Gaussian conditioning)."""
+
+        def denoise(x_t: Tensor, t: Tensor) -> Denoised:
+            flat = _flatten(x_t, self.dim)
+            a, s = process_coefficients(process, t, flat.shape[0], flat.device)
+            U = self.eigvecs.to(flat.device)
+            lam = self.eigvals.to(flat.device)
+            mu = self.mean.to(flat.device)
+            r = (flat - a * mu) @ U
+            d = a * a * lam + s * s
+            eps = (s * r / d) @ U.T
+            x0 = mu + (a * lam * r / d) @ U.T
+            return Denoised(x0.reshape(x_t.shape).to(x_t.dtype), eps.reshape(x_t.shape).to(x_t.dtype))
+
+        return denoise
 
     def predict(self, schedule: Schedule) -> Predict:
         """The exact ε̂(x_t, t) = E[ε | x_t] for ``schedule`` (t of shape ``[B]`` or scalar,
@@ -255,6 +283,34 @@ class GaussianMixture:
         log_joint, resid, var = self._terms(flat, _alpha_bar(alpha_bar, flat.shape[0], flat.device))
         r = torch.softmax(log_joint, dim=1)
         return (-(r / var)[:, :, None] * resid).sum(dim=1).reshape(x.shape).to(x.dtype)
+
+    def denoiser(self, process: Process, y: Tensor | None = None) -> DenoiseFn:
+        """The exact (x̂_0, ε̂) under any process x_t = α x_0 + σ ε: with v_k = α²s_k² + σ² and
+        r_k = p(k | x_t) (one-hot(y) given labels), ε̂ = Σ_k r_k σ (x_t − αμ_k)/v_k and
+        x̂_0 = Σ_k r_k (μ_k + α s_k² (x_t − αμ_k)/v_k)."""
+
+        def denoise(x_t: Tensor, t: Tensor) -> Denoised:
+            flat = _flatten(x_t, self.dim)
+            B, dev = flat.shape[0], flat.device
+            a, s = process_coefficients(process, t, B, dev)
+            mu, sd2 = self.means.to(dev), self.stds.to(dev).square()
+            var = a * a * sd2 + s * s  # [B, K]
+            resid = flat[:, None, :] - a[:, :, None] * mu  # [B, K, D]
+            if y is None:
+                log_joint = (
+                    self.weights.to(dev).log()
+                    - 0.5 * self.dim * (2 * math.pi * var).log()
+                    - 0.5 * resid.square().sum(dim=-1) / var
+                )
+                r = torch.softmax(log_joint, dim=1)
+            else:
+                labels = torch.as_tensor(y, device=dev).long().reshape(-1).expand(B)
+                r = torch.nn.functional.one_hot(labels, self.num_components).to(torch.float64)
+            eps = ((r * s / var)[:, :, None] * resid).sum(dim=1)
+            x0 = (r[:, :, None] * (mu + (a * sd2 / var)[:, :, None] * resid)).sum(dim=1)
+            return Denoised(x0.reshape(x_t.shape).to(x_t.dtype), eps.reshape(x_t.shape).to(x_t.dtype))
+
+        return denoise
 
     def predict(self, schedule: Schedule, y: Tensor | None = None) -> Predict:
         """The exact ε̂(x_t, t) = E[ε | x_t] for ``schedule``; with labels ``y`` (shape

@@ -35,8 +35,12 @@ from diffkit.interfaces import (
     Schedule,
     StepCallback,
     TensorData,
+    network_output,
 )
 from diffkit.plugins import get_registry
+from diffkit.process import Process
+from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
+from diffkit.sampling import run as run_loop
 from diffkit.registry import Registry
 from diffkit.requirements import check_requirements
 from diffkit.spec import (
@@ -140,7 +144,7 @@ class Pipeline:
         # a run and its resumption, start alike), drawn without touching torch's generator.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.schedule: Schedule = self._build("schedule", schedule)
+            self.schedule: Process = self._build("schedule", schedule)
             self.denoiser: nn.Module = self._build("denoiser", denoiser)
             self.objective: Objective = self._build("objective", objective)
             self.sampler: Sampler = self._build("sampler", sampler)
@@ -447,22 +451,107 @@ class Pipeline:
     # -- sampling ----------------------------------------------------------------------
     def predictor(self, cond: Tensor | None = None) -> Predict:
         """``predict(x_t, t) -> ε̂`` from the (EMA) denoiser through the objective's conversion."""
-        net, objective, schedule = self.denoiser, self.objective, self.schedule
-
-        def predict(x_t: Tensor, t: Tensor) -> Tensor:
-            return objective.to_eps(net(x_t, t, cond), x_t, t, schedule)
-
-        return predict
+        given = self.conditional_predictor()
+        return lambda x_t, t: given(x_t, t, cond)
 
     def conditional_predictor(self) -> CondPredict:
         """``predict(x_t, t, cond) -> ε̂`` under any labels (−1 or ``None``: no label), what
         guidance wraps; an unconditional denoiser ignores the labels."""
-        net, objective, schedule = self.denoiser, self.objective, self.schedule
+        net, objective, process = self.denoiser, self.objective, self.schedule
 
         def predict(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-            return objective.to_eps(net(x_t, t, cond), x_t, t, schedule)
+            return objective.to_eps(network_output(net, process, x_t, t, cond), x_t, t, process)
 
         return predict
+
+    def denoise_fn(self, cond: Tensor | None = None, predict: Predict | None = None) -> DenoiseFn:
+        """``denoise(x_t, t) -> Denoised(x̂_0, ε̂)``: what a step sampler sees of the model.
+
+        From the network through the objective's exact conversion; with ``predict`` (an
+        ε̂-prediction, e.g. a guided one) from that, x̂_0 = (x_t − σ ε̂)/α."""
+        net, objective, process = self.denoiser, self.objective, self.schedule
+        if predict is not None:
+            return denoise_from_eps(predict, process)
+
+        def denoise(x_t: Tensor, t: Tensor) -> Denoised:
+            tt = table_time(process, t)
+            x0, eps = objective.denoised(network_output(net, process, x_t, tt, cond), x_t, tt, process)
+            return Denoised(x0, eps)
+
+        return denoise
+
+    def x0_bound(self, clip: Any) -> float | Tensor | str | None:
+        """What a sampler's ``clip_denoised`` means for this model: ``None`` (leave x̂_0 alone),
+        a bound (number or per-coordinate tensor, in model space) or ``"dynamic"``.
+        ``"auto"`` is the data's range: [−1, 1] for images; for points the range recorded
+        from the training data, where the run has one."""
+        if clip is None or clip == "dynamic":
+            return clip
+        if clip == "auto":
+            if self.context.data_kind == "images":
+                return 1.0
+            return getattr(self, "data_bound", None)
+        return float(clip)
+
+    def run_sampler(
+        self,
+        chosen: Any,
+        shape: Sequence[int],
+        *,
+        cond: Tensor | None = None,
+        predict: Predict | None = None,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        progress: bool = False,
+        callback: StepCallback | None = None,
+        x_start: Tensor | None = None,
+        t_start: float | None = None,
+    ) -> Tensor:
+        """Run ``chosen`` once over a batch of ``shape`` (model space).
+
+        A step sampler (plugin API 2) runs in :func:`diffkit.sampling.run` on
+        :meth:`denoise_fn` (``predict``, if given, replaces the network's ε̂: guidance),
+        bounded as its ``clip_denoised`` says; a 0.1 sampler (a whole loop) is called
+        with ``predict`` on a discrete table."""
+        device = self.device
+        if is_step_sampler(chosen):
+            clip = getattr(getattr(chosen, "params", None), "clip_denoised", None)
+            denoise = bound_denoised(self.denoise_fn(cond, predict), self.schedule, self.x0_bound(clip))
+            try:
+                return run_loop(
+                    chosen,
+                    denoise,
+                    self.schedule,
+                    shape,
+                    steps=steps,
+                    generator=generator,
+                    device=device,
+                    progress=progress,
+                    callback=callback,
+                    x_start=x_start,
+                    t_start=t_start,
+                )
+            except ValueError as e:
+                raise DiffkitError(str(e)) from None
+        if not isinstance(self.schedule, Schedule):
+            raise DiffkitError(
+                f"the sampler {type(chosen).__name__} is written for 0.1's discrete tables (a whole loop over"
+                f" integer timesteps) and this model's process is continuous; use a sampler of the core's loop"
+                " (ddpm, ddim, dpm-solver, euler, heun, euler-ancestral, sde, ode), or see docs/plugins.md for"
+                " how to write it as a step"
+            )
+        return chosen(
+            predict if predict is not None else self.predictor(cond),
+            self.schedule,
+            shape,
+            generator=generator,
+            steps=steps,
+            device=device,
+            progress=progress,
+            callback=callback,
+            x_start=x_start,
+            t_start=None if t_start is None else int(t_start),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -485,7 +574,7 @@ class Pipeline:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
         ``sampler`` overrides the pipeline's (a name, a section or an object); ``steps``
-        asks for fewer reverse steps; ``batch_size`` bounds memory by sampling in
+        asks for another number of reverse steps; ``batch_size`` bounds memory by sampling in
         chunks. The same ``seed`` and ``batch_size`` give the same samples.
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
@@ -497,35 +586,45 @@ class Pipeline:
         """
         if n < 1:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
-        if steps is not None and not 1 <= steps <= self.schedule.T:
+        if steps is not None and self.schedule.discrete and not 1 <= steps <= self.schedule.T:
             raise DiffkitError(f"steps must be between 1 and the schedule's T = {self.schedule.T}, got {steps}")
+        if steps is not None and steps < 1:
+            raise DiffkitError(f"steps must be at least 1, got {steps}")
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
         device = self.device
         y = None if labels is None else self._labels(labels, n).to(device)
         steer = self._steering(chosen, y, guidance_scale)
+        own = getattr(chosen, "guidance", None)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
         given = self.conditional_predictor()
-        predict = self.predictor()
         batch_size = batch_size or n
         chunks = []
         self.denoiser.eval()
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
+                predict: Predict | None = None
+                cond: Tensor | None = None
                 if y is not None:
                     y_chunk = y[start : start + m]
-                    if steer is not None:  # an unguided override, steered by the pipeline's guidance
+                    guidance = steer or own
+                    if is_step_sampler(chosen):
+                        if guidance is not None:
+                            predict = guidance.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
+                        else:
+                            cond = y_chunk
+                    elif steer is not None:  # an unguided override, steered by the pipeline's guidance
                         predict = steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
                     else:
                         predict = LabelledPredict(given, y_chunk, guidance_scale)
-                x = chosen(
-                    predict,
-                    self.schedule,
+                x = self.run_sampler(
+                    chosen,
                     (m, *self.context.sample_shape),
+                    cond=cond,
+                    predict=predict,
                     generator=generator,
                     steps=steps,
-                    device=device,
                     progress=progress,
                     callback=callback,
                 )

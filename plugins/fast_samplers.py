@@ -1,42 +1,41 @@
 """Samplers for few steps: ``ddim`` (Song et al. 2021) and ``dpm-solver`` (DPM-Solver++ 2M,
-Lu et al. 2022).
+Lu et al. 2022, with its SDE variant).
 
-Both walk the timesteps of :meth:`diffkit.Schedule.timesteps` (any number of steps
-≤ T, spacing ``linspace``, ``leading``, ``trailing``, ``quadratic`` or ``logsnr``); each update goes from the
-visited timestep t to the next visited one s, and the last from the last visited
-timestep to the clean data (ᾱ_s = 1), so no noise is left in the output.
+Both are steps of :func:`diffkit.sampling.run` and work with every process: each update
+goes from the visited time t to the next visited one s, and the last from the last
+visited time to the clean data (α = 1, σ = 0), so no noise is left in the output. On a
+discrete table the grid is 0.1's timesteps (spacing ``linspace``, ``leading``,
+``trailing``, ``quadratic``, ``logsnr``, or ``karras``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
-from diffkit import diffusion as D
+from diffkit import Component, Params, hookimpl
+from diffkit.process import Grid, Process
+from diffkit.sampling import StepContext, StepSamplerBase, clip_field
 
 DDIM_DEFAULT_STEPS = 50
 DPM_SOLVER_DEFAULT_STEPS = 20
 
+Positive = Annotated[float, Field(gt=0)]
+
 
 class _FewStepParams(Params):
-    spacing: Spacing = Field(
-        "trailing",
-        description="How the visited timesteps are chosen when steps < T: 'trailing' starts at T−1 and spends every"
-        " step on noise it can remove (Lin et al. 2024); 'linspace' ends on t = 0, a nearly clean step; 'quadratic'"
-        " (Song et al. 2021) and 'logsnr' (Lu et al. 2022) crowd the steps towards the clean end, where sharp data"
-        " needs them ('logsnr' spends several steps at the very start of the cosine schedule, whose last SNRs are"
-        " tiny).",
+    spacing: Grid | None = Field(
+        None,
+        description="The grid of noise levels; null takes 'trailing' on a discrete table (it starts at T−1 and spends"
+        " every step on noise it can remove, Lin et al. 2024) and the process's own default otherwise. 'linspace'"
+        " ends on t = 0, a nearly clean step; 'quadratic' (Song et al. 2021), 'logsnr' (Lu et al. 2022) and"
+        " 'karras' (Karras et al. 2022) crowd the steps towards the clean end, where sharp data needs them.",
     )
-    clip_denoised: float | None = Field(
-        None, gt=0, description="Clip x̂_0 to [−c, c] at each step (1.0 suits images in [−1, 1]); null disables."
-    )
+    clip_denoised: Positive | Literal["auto", "dynamic"] | None = clip_field()
 
 
 class DDIMParams(_FewStepParams):
@@ -67,125 +66,81 @@ class DPMSolverParams(_FewStepParams):
     order: Literal[1, 2] = Field(
         2, description="2 is DPM-Solver++ 2M; 1 is its first-order step, which equals DDIM with η = 0."
     )
+    variant: Literal["ode", "sde"] = Field(
+        "ode",
+        description="'ode' solves the probability-flow ODE; 'sde' is DPM-Solver++ (2M) SDE, which adds fresh noise"
+        " each step (Lu et al. 2022, Sec. 5; as k-diffusion's dpmpp_2m_sde).",
+    )
 
 
-def _denoise(eps: Tensor, x: Tensor, abar_t: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
-    """x̂_0 from ε̂, clipped to [−c, c] if asked, and the ε̂ consistent with the clipped x̂_0."""
-    x0 = D.eps_to_x0(eps, x, abar_t)
-    if clip is None:
-        return x0, eps
-    x0.clamp_(-clip, clip)
-    return x0, D.x0_to_eps(x0, x, abar_t)
+class _FewStep(StepSamplerBase):
+    def levels(self, process: Process, steps: int, start: float | None = None) -> Tensor:
+        spacing = self.params.spacing or ("trailing" if process.discrete else None)
+        return process.grid(steps, spacing, start=start)
 
 
-class DDIM:
-    """x_s = √ᾱ_s x̂_0 + √(1 − ᾱ_s − σ²) ε̂ + σ z,
-    σ = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s)  (Song et al. 2021, Eq. 12 and 16).
+class DDIM(_FewStep):
+    """x_s = α_s x̂_0 + √(σ_s² − c²) ε̂ + c z with c² = η² σ_s² (1 − e^{λ_t − λ_s}), λ = log α²/σ²
+    (Song et al. 2021, Eq. 12 and 16, where on a table c² = η²(1 − ᾱ_s)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_s)).
 
-    s is the next visited timestep (ᾱ_s = 1 after the last). With η = 1, σ² is DDPM's
-    posterior variance β̃ and the update is the posterior mean plus that noise: the
-    ancestral sampler, drawing the same noise from the same generator. With η = 0 it is
-    deterministic: a first-order solver of the probability-flow ODE.
+    With η = 1, c² is DDPM's posterior variance β̃ and the update is the posterior mean
+    plus that noise: the ancestral sampler. With η = 0 it is deterministic: Euler's
+    method on the probability-flow ODE in σ/α (as ``euler``).
     """
 
-    def __init__(self, params: DDIMParams) -> None:
-        self.params = params
+    name = "ddim"
+    default_steps = DDIM_DEFAULT_STEPS
 
-    def __call__(
-        self,
-        predict: Predict,
-        schedule: Schedule,
-        shape: Sequence[int],
-        *,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = False,
-        callback: StepCallback | None = None,
-        x_start: Tensor | None = None,
-        t_start: int | None = None,
-    ) -> Tensor:
-        p = self.params
-        steps = steps or p.steps or min(schedule.T, DDIM_DEFAULT_STEPS)
-        ts = schedule.timesteps(steps, p.spacing, start=t_start)
-        abar = schedule.alphas_cumprod.tolist()
-        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
-        n = x.shape[0]
-        x = report(callback, ts[0], x)
-        for i, t in enumerate(tqdm(ts, desc="ddim", disable=not progress, leave=False)):
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
-            t_b = torch.full((n,), t, device=device, dtype=torch.long)
-            x0, eps = _denoise(predict(x, t_b), x, schedule.alpha_bar(t_b, x), p.clip_denoised)
-            var = p.eta**2 * (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
-            x = torch.add(x0.mul_(math.sqrt(a_s)), eps, alpha=math.sqrt(max(1.0 - a_s - var, 0.0)))
-            if var > 0:
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-                x = x.add_(z, alpha=math.sqrt(var))
-            x = report(callback, s, x)
+    def step(self, x: Tensor, ctx: StepContext) -> Tensor:
+        d = ctx.denoise(x)
+        a_t, s_t = ctx.alpha_sigma(ctx.t)
+        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        eta = self.params.eta
+        var = 0.0
+        if eta > 0 and s_s > 0:
+            var = eta**2 * s_s * s_s * -math.expm1(2.0 * (math.log(a_t * s_s) - math.log(a_s * s_t)))
+        coef = s_s if var == 0.0 else math.sqrt(max(s_s * s_s - var, 0.0))
+        x = torch.add(d.x0 * a_s, d.eps, alpha=coef)
+        if var > 0:
+            x = x.add_(ctx.noise(x), alpha=math.sqrt(var))
         return x
 
 
-class DPMSolver:
+class DPMSolver(_FewStep):
     """DPM-Solver++ 2M (Lu et al. 2022, "DPM-Solver++", Alg. 2), on the data prediction x̂_0.
 
-    With α = √ᾱ, σ = √(1 − ᾱ), λ = log(α/σ) and h = λ_s − λ_t, one step from t to s is
+    With λ = log(α/σ) and h = λ_s − λ_t, one step from t to s is
 
-        x_s = (σ_s/σ_t) x_t + α_s (1 − e^{−h}) D,
+        x_s = (σ_s/σ_t) e^{−ηh} x_t + α_s (1 − e^{−(1+η)h}) D + σ_s √(1 − e^{−2ηh}) z,
 
-    D = x̂_0(x_t) for the first step (DPM-Solver++ 1, i.e. DDIM with η = 0) and after it
-    D = (1 + 1/(2r)) x̂_0(x_t) − 1/(2r) x̂_0(x_{t'}), r = h'/h, from the previous step
-    t' → t of size h'. The last step lands on the clean data (σ_s = 0, h = ∞) and so
-    takes the first-order step, x_s = x̂_0(x_t). One network evaluation per step.
+    η = 0 for the ODE (Alg. 2) and 1 for the SDE variant; D = x̂_0(x_t) for the first
+    step and after it D = (1 + 1/(2r)) x̂_0(x_t) − 1/(2r) x̂_0(x_{t'}), r = h'/h, from the
+    previous step t' → t of size h'. The last step lands on the clean data (σ_s = 0,
+    h = ∞) and so is x̂_0 itself. One network evaluation per step.
     """
 
-    def __init__(self, params: DPMSolverParams) -> None:
-        self.params = params
+    name = "dpm-solver"
+    default_steps = DPM_SOLVER_DEFAULT_STEPS
 
-    def __call__(
-        self,
-        predict: Predict,
-        schedule: Schedule,
-        shape: Sequence[int],
-        *,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = False,
-        callback: StepCallback | None = None,
-        x_start: Tensor | None = None,
-        t_start: int | None = None,
-    ) -> Tensor:
+    def step(self, x: Tensor, ctx: StepContext) -> Tensor:
         p = self.params
-        steps = steps or p.steps or min(schedule.T, DPM_SOLVER_DEFAULT_STEPS)
-        ts = schedule.timesteps(steps, p.spacing, start=t_start)
-        abar = schedule.alphas_cumprod.tolist()
-        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
-        n = x.shape[0]
-        x = report(callback, ts[0], x)
-        x0_prev: Tensor | None = None
-        h_prev = 0.0
-        for i, t in enumerate(tqdm(ts, desc="dpm-solver", disable=not progress, leave=False)):
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            t_b = torch.full((n,), t, device=device, dtype=torch.long)
-            x0, _ = _denoise(predict(x, t_b), x, schedule.alpha_bar(t_b, x), p.clip_denoised)
-            if s < 0:  # σ_s = 0: the step lands on x̂_0 itself
-                x = x0
-            else:
-                a_t, a_s = abar[t], abar[s]
-                lam_t = 0.5 * math.log(a_t / (1.0 - a_t))
-                lam_s = 0.5 * math.log(a_s / (1.0 - a_s))
-                h = lam_s - lam_t
-                d = x0
-                if p.order == 2 and x0_prev is not None:
-                    # (1 + 1/(2r)) x̂_0 − 1/(2r) x̂_0' = x̂_0 + (x̂_0' − x̂_0)·(−1/(2r)), r = h'/h
-                    d = torch.lerp(x0, x0_prev, -h / (2.0 * h_prev))
-                coef = math.sqrt(a_s) * -math.expm1(-h)  # α_s (1 − e^{−h})
-                x = d.mul(coef).add_(x, alpha=math.sqrt((1.0 - a_s) / (1.0 - a_t)))
-                x0_prev, h_prev = x0, h
-            x = report(callback, s, x)
+        x0 = ctx.denoise(x).x0
+        if ctx.last:
+            return x0
+        a_t, s_t = ctx.alpha_sigma(ctx.t)
+        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        h = (math.log(a_s) - math.log(s_s)) - (math.log(a_t) - math.log(s_t))
+        mem = ctx.memory
+        d = x0
+        if p.order == 2 and "x0" in mem:
+            # (1 + 1/(2r)) x̂_0 − 1/(2r) x̂_0' = x̂_0 + (x̂_0' − x̂_0)·(−1/(2r)), r = h'/h
+            d = torch.lerp(x0, mem["x0"], -h / (2.0 * mem["h"]))
+        eta = 1.0 if p.variant == "sde" else 0.0
+        coef = a_s * -math.expm1(-(1.0 + eta) * h)  # α_s (1 − e^{−(1+η)h})
+        x = d.mul(coef).add_(x, alpha=s_s / s_t * math.exp(-eta * h))
+        if eta > 0:
+            x = x.add_(ctx.noise(x), alpha=s_s * math.sqrt(-math.expm1(-2.0 * h)))
+        mem["x0"], mem["h"] = x0, h
         return x
 
 
@@ -202,6 +157,6 @@ def diffkit_samplers() -> list[Component]:
             "dpm-solver",
             lambda p, ctx: DPMSolver(p),
             DPMSolverParams,
-            "DPM-Solver++ 2M (Lu et al. 2022): second-order multistep ODE solver for 10–25 steps.",
+            "DPM-Solver++ 2M (Lu et al. 2022): second-order multistep solver for 10–25 steps, ODE or SDE.",
         ),
     ]

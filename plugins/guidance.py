@@ -111,6 +111,30 @@ class GuidedSampler:
             t_start=t_start,
         )
 
+    # A base written as a step of the core's loop (plugin API 2) makes this one too: the
+    # pipeline wraps the prediction with the guidance and runs the base's steps.
+    @property
+    def api(self) -> int:
+        return getattr(self.base, "api", 1)
+
+    @property
+    def params(self) -> Any:
+        return getattr(self.base, "params", None)
+
+    @property
+    def name(self) -> str:
+        return f"guided {getattr(self.base, 'name', type(self.base).__name__.lower())}"
+
+    @property
+    def default_steps(self) -> int:
+        return self.base.default_steps
+
+    def levels(self, process: Any, steps: int, start: float | None = None) -> Tensor:
+        return self.base.levels(process, steps, start)
+
+    def step(self, x: Tensor, ctx: Any) -> Tensor:
+        return self.base.step(x, ctx)
+
     def __repr__(self) -> str:
         return f"GuidedSampler(base={type(self.base).__name__}, guidance={type(self.guidance).__name__})"
 
@@ -195,7 +219,8 @@ class ClassifierGuidance:
         def guided(x_t: Tensor, t: Tensor) -> Tensor:
             eps = predict(x_t, t, cond)
             grad = class_log_prob_grad(classifier, x_t, t, cond)
-            return eps + D.score_to_eps(gamma * grad, schedule.alpha_bar(t, x_t))
+            _, sigma = schedule.coefficients(t, x_t)
+            return eps - (gamma * grad) * sigma.to(x_t.dtype)  # ε̃ = ε̂ − σ_t γ ∇ log p(y | x_t)
 
         return guided
 

@@ -3,87 +3,60 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
+from diffkit import Component, Params, hookimpl
+from diffkit.process import Grid
+from diffkit.sampling import StepContext, StepSamplerBase, clip_field, spacing_field
+
+Positive = Annotated[float, Field(gt=0)]
 
 
 class DDPMParams(Params):
-    """Ancestral sampling: one step of p_θ(x_{t−1} | x_t) at a time."""
+    """Ancestral sampling: one step of p_θ(x_s | x_t) at a time."""
 
     variance: Literal["posterior", "beta"] = Field(
         "posterior",
-        description="σ_t² of each step: 'posterior' is β̃_t (exact for a point mass x_0), 'beta' is β_t"
-        " (exact for x_0 ~ N(0, I)); Ho et al. 2020, Sec. 3.2.",
+        description="σ² of each step: 'posterior' is β̃ (exact for a point mass x_0), 'beta' is β (exact for"
+        " x_0 ~ N(0, I)); Ho et al. 2020, Sec. 3.2.",
     )
     steps: int | None = Field(
-        None, ge=1, description="Number of reverse steps; null takes all T. Fewer steps respace the chain."
+        None, ge=1, description="Number of reverse steps; null takes all T of a table (1000 on a continuous process)."
     )
-    spacing: Spacing = Field(
-        "linspace", description="How the visited timesteps are chosen when steps < T."
-    )
-    clip_denoised: float | None = Field(
-        None, gt=0, description="Clip x̂_0 to [−c, c] at each step (1.0 suits images in [−1, 1]); null disables."
-    )
+    spacing: Grid | None = spacing_field()
+    clip_denoised: Positive | Literal["auto", "dynamic"] | None = clip_field()
 
 
-class DDPM:
-    """x_{s} = 1/√α_{t|s} (x_t − β_{t|s}/√(1−ᾱ_t) ε̂) + σ z  (Ho et al. 2020, Alg. 2).
+class DDPM(StepSamplerBase):
+    """x_s ~ q(x_s | x_t, x̂_0) = N(c_0 x̂_0 + c_t x_t, σ² I) (Ho et al. 2020, Alg. 2 and Eq. 7),
+    for any process: with α_{t|s} = α_t/α_s and σ²_{t|s} = σ_t² − α_{t|s}² σ_s²
+    (Kingma et al. 2021, Eq. 27–29),
 
-    With all T steps, s = t − 1 and this is Alg. 2 as written; with fewer, the chain
-    is respaced over the visited timesteps (Nichol & Dhariwal 2021, Sec. 4), which uses
-    the same formula with α_{t|s} = ᾱ_t / ᾱ_s. No noise is added on the last step.
+        c_0 = α_s σ²_{t|s}/σ_t²,   c_t = α_{t|s} σ_s²/σ_t²,   β̃ = σ²_{t|s} σ_s²/σ_t².
+
+    On a table with all T steps this is Alg. 2 as written (β_{t|s} = σ²_{t|s}); with fewer
+    the chain is respaced (Nichol & Dhariwal 2021, Sec. 4). No noise on the last step.
     """
 
-    def __init__(self, params: DDPMParams) -> None:
-        self.params = params
+    name = "ddpm"
+    default_steps = 1000
 
-    def __call__(
-        self,
-        predict: Predict,
-        schedule: Schedule,
-        shape: Sequence[int],
-        *,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = False,
-        callback: StepCallback | None = None,
-        x_start: Tensor | None = None,
-        t_start: int | None = None,
-    ) -> Tensor:
-        p = self.params
-        ts = schedule.timesteps(p.steps if steps is None else steps, p.spacing, start=t_start)
-        abar = schedule.alphas_cumprod.tolist()
-        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
-        n = x.shape[0]
-        x = report(callback, ts[0], x)
-        for i, t in enumerate(tqdm(ts, desc="ddpm", disable=not progress, leave=False)):
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
-            alpha_ts = a_t / a_s
-            beta_ts = 1.0 - alpha_ts
-            eps = predict(x, torch.full((n,), t, device=device, dtype=torch.long))
-            if p.clip_denoised is None:
-                x = torch.add(x, eps, alpha=-beta_ts / math.sqrt(1.0 - a_t)).mul_(1.0 / math.sqrt(alpha_ts))
-            else:  # posterior mean with the clipped x̂_0 (Ho et al. 2020, Eq. 7)
-                x0 = torch.add(x, eps, alpha=-math.sqrt(1.0 - a_t)).div_(math.sqrt(a_t)).clamp_(-p.clip_denoised, p.clip_denoised)
-                c0 = math.sqrt(a_s) * beta_ts / (1.0 - a_t)
-                ct = math.sqrt(alpha_ts) * (1.0 - a_s) / (1.0 - a_t)
-                x = torch.add(x0.mul_(c0), x, alpha=ct)
-            if s >= 0:
-                var = beta_ts if p.variance == "beta" else (1.0 - a_s) / (1.0 - a_t) * beta_ts
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-                x = x.add_(z, alpha=math.sqrt(var))
-            x = report(callback, s, x)
-        return x
+    def step(self, x: Tensor, ctx: StepContext) -> Tensor:
+        d = ctx.denoise(x)
+        if ctx.last:
+            return d.x0
+        a_t, s_t = ctx.alpha_sigma(ctx.t)
+        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        alpha_ts = a_t / a_s
+        var_ts = s_t * s_t - alpha_ts * alpha_ts * s_s * s_s
+        c0 = a_s * var_ts / (s_t * s_t)
+        ct = alpha_ts * s_s * s_s / (s_t * s_t)
+        var = var_ts if self.params.variance == "beta" else var_ts * s_s * s_s / (s_t * s_t)
+        x = (d.x0 * c0).add_(x, alpha=ct)
+        return x.add_(ctx.noise(x), alpha=math.sqrt(max(var, 0.0)))
 
 
 @hookimpl

@@ -53,7 +53,7 @@ def affine_law(smp, oracle: GaussianData, sch: Schedule, steps: int | None, t_st
     with torch.inference_mode():
         out = smp(oracle.predict(sch), sch, rows.shape, steps=steps, dtype=F64, x_start=rows, t_start=t_start)
     b, A = out[0], (out[1:] - out[0]).T
-    t0 = sch.timesteps(steps, smp.params.spacing, start=t_start)[0]
+    t0 = sch.timesteps(steps, smp.params.spacing or "trailing", start=t_start)[0]
     m0, C0 = oracle.marginal(sch.alphas_cumprod[t0].item())
     return A @ m0 + b, A @ C0 @ A.T
 
