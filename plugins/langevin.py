@@ -1,68 +1,168 @@
 """Samplers driven by the score: ``sgld`` (annealed Langevin dynamics) and ``pc``
 (predictor–corrector).
 
-Like every sampler they receive only ``predict(x_t, t) -> ε̂`` and turn it into the
-score with :func:`diffkit.diffusion.eps_to_score` (∇ log p_t(x) = −ε̂/σ_t), so they
-work with a network trained by any objective.
+Both are steps of :func:`diffkit.sampling.run` and work with every process and every
+objective: a step sees the model as ``ctx.denoise(x, t) -> (x̂_0, ε̂)`` and reads the
+score of the marginal p_t of x_t = α(t) x_0 + σ(t) ε from it by Tweedie's formula,
+∇ log p_t(x) = −ε̂/σ(t) (Efron 2011; Song et al. 2021, Eq. 7 setting).
 
-**Noise levels in the variance-preserving setting.** Song & Ermon (2019) anneal over
-p_σ = p_data ∗ N(0, σ² I) (variance *exploding*, VE) with σ_1 > … > σ_L geometric.
-diffkit's schedules are variance *preserving* (VP): level t is the marginal p_t of
-x_t = √ᾱ_t x_0 + σ_t ε, σ_t = √(1 − ᾱ_t), whose score the network estimates. Since
-x_t/√ᾱ_t = x_0 + (σ_t/√ᾱ_t) ε, level t is the VE level σ_t/√ᾱ_t = SNR(t)^{−1/2}
-rescaled by √ᾱ_t (Song et al. 2021, Sec. 3.4; Kingma et al. 2021). What ``sgld`` does,
-exactly:
+**The levels and the coordinates.** Level t is p_t itself, and the Langevin steps move x
+in the process's own coordinates x_t, the ones every sampler and callback works in.
 
-- it visits the timesteps whose SNR(t)^{−1/2} are nearest a geometric sequence (in
-  Song & Ermon's sense) from the noisiest to the least noisy, i.e. evenly spread in
-  log-SNR (``spacing: geometric``; the other spacings are Schedule.timesteps');
-- at each visited t it runs K Langevin steps that target p_t itself, in the VP
-  coordinates x_t that every sampler and callback works in (as Song et al. 2021 do
-  for the VP SDE, App. G, Alg. 5), with η_i = ε σ_i²/σ_L², σ the VP σ_t (Song &
-  Ermon's rule: the gradient step relative to the noise is the same at every level);
-- it starts from N(0, I) ≈ p_{T−1} and carries the state from one level to the next
-  unchanged (Alg. 1: x_0^{i+1} ← x_K^i). Rescaling it by √(ᾱ_{i+1}/ᾱ_i) on the way —
-  running Alg. 1 verbatim in the VE coordinates x/√ᾱ — removes the lag of the mean
-  behind the outward-moving modes but, with the same budget, adds more spread than
-  the Langevin steps remove: for the Gaussian of tests/test_langevin.py at the
-  defaults, the exact laws give a mean error of 0.086 → 0 but a covariance error of
-  3.3% → 11%, so it is not done.
+- On a ``ve`` process (α = 1, σ(t) = σ_min (σ_max/σ_min)^t) these are Song & Ermon's:
+  p_t = p_data ∗ N(0, σ(t)² I), and ``sgld`` with its default geometric levels is their
+  Alg. 1 exactly (NCSN; Song & Ermon 2019), σ_i = σ(t_i) geometric from σ_max to σ(t_min).
+- On a variance-preserving process (the ``linear``/``cosine`` tables, ``vp``), level t is
+  the VE level σ̃ = σ/α = SNR(t)^{−1/2} scaled by α(t), since x_t/α = x_0 + σ̃ ε; the steps
+  target p_t in x_t (as Song et al. 2021 do for the VP SDE, App. G, Alg. 5), and the state
+  is carried from one level to the next unchanged (Alg. 1: x_0^{i+1} ← x_K^i). Rescaling
+  it by α_{i+1}/α_i on the way — running Alg. 1 verbatim in the VE coordinates x/α —
+  removes the lag of the mean behind the outward-moving modes but, with the same budget,
+  adds more spread than the Langevin steps remove: for the Gaussian of
+  tests/test_langevin.py at the defaults on the linear table, the exact laws give a mean
+  error of 0.086 → 0 but a covariance error of 3.3% → 11%, so it is not done.
+
+**The step size.** η_i = ε σ_i²/σ_L² (Song & Ermon 2019, Alg. 1, line 3), σ the process's
+σ(t_i) and σ_L its least noisy level: where the default geometric levels end (t_min, t = 0
+on a table; on a process whose σ reaches 0, rectified flow, where σ̃ = 0.002). It is the
+same whatever the number of levels visited or where a run starts, so a step never needs
+the rest of the grid.
+
+**Bounded x̂_0.** With ``clip_denoised`` the loop bounds x̂_0 and makes ε̂ consistent with it,
+ε̂ = (x − α x̂_0)/σ, so the Langevin steps follow the score implied by the bounded x̂_0,
+∇ log p = (α x̂_0 − x)/σ² (Tweedie's formula read backwards).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffkit import Component, DiffkitError, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
-from diffkit import diffusion as D
+from diffkit import BuildContext, Component, DiffkitError, Params, hookimpl
+from diffkit.process import Grid, Process
+from diffkit.sampling import StepContext, StepSamplerBase, clip_field, resolve_steps, spacing_field
+from diffkit_plugins.samplers import DDPM, DDPMParams
 
-__all__ = ["SGLD", "SGLDParams", "PredictorCorrector", "PCParams", "noise_levels", "step_sizes", "StepSizeError"]
+__all__ = [
+    "SGLD",
+    "SGLDParams",
+    "PredictorCorrector",
+    "PCParams",
+    "noise_levels",
+    "least_noisy_sigma",
+    "step_sizes",
+    "StepSizeError",
+    "MAX_ETA",
+]
 
-# Largest step η_1 = ε σ_1²/σ_L² that `sgld` accepts. At the noisiest level p_t ≈ N(0, I),
-# where a Langevin step multiplies the state by (1 − η/2): η ≥ 4 diverges, and η near 2
-# already overshoots the mode every step.
+Positive = Annotated[float, Field(gt=0)]
+
+# Largest step relative to the variance of the noisiest level that `sgld` accepts. For data
+# of unit variance p_t has variance v = α² + σ² (the prior's), and a Langevin step there
+# multiplies x − E x by (1 − η/(2v)): η/v ≥ 4 diverges, and η/v near 2 already overshoots
+# the mode every step. On a VP table v = 1 and the bound is η_1 ≤ 1.
 MAX_ETA = 1.0
 
 
 class StepSizeError(DiffkitError, ValueError):
-    """sgld's ε gives too large a Langevin step for the schedule's noise levels."""
+    """sgld's ε gives too large a Langevin step for the process's noise levels."""
 
 
+# -- noise levels ----------------------------------------------------------------------------------
+def noise_levels(process: Process, levels: int | None, spacing: str = "geometric", start: float | None = None) -> list:
+    """The descending times (noise levels) annealed Langevin dynamics visits.
+
+    ``geometric``: levels evenly spaced in log σ̃ = log(σ/α) = −λ/2 from t_max to the least
+    noisy level, as Song & Ermon 2019 space their σ_i (Sec. 4.2; on a ``ve`` process exactly
+    their geometric σ_1 > … > σ_L). On a discrete table they are the integer timesteps
+    nearest those values, and two that round to the same timestep are merged, so fewer
+    levels may come back (94 of 100 for the linear schedule of T = 1000). Other spacings are
+    those of :meth:`Process.grid`. ``start`` begins at that time and keeps the levels below
+    it. Integers on a table, floats otherwise.
+    """
+    if spacing != "geometric":
+        ts = process.grid(_count(process, levels), spacing, start=start)[:-1]  # type: ignore[arg-type]
+        return [int(t) for t in ts.tolist()] if process.discrete and bool((ts == ts.round()).all()) else ts.tolist()
+    n = _count(process, levels)
+    if process.discrete:
+        # log σ̃_t = −λ_t, λ_t = ½ log SNR(t): a geometric sequence of σ̃ is evenly spaced in λ
+        lam = process.half_log_snr()  # type: ignore[attr-defined]
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), n, dtype=torch.float64)
+        ts = torch.unique_consecutive(process.nearest_log_snr(targets)).tolist()  # type: ignore[attr-defined]
+        if start is None:
+            return ts
+        first = int(round(float(start)))
+        if not 0 <= first <= int(process.t_max):
+            raise ValueError(f"start must be a timestep between 0 and T − 1 = {int(process.t_max)}, got {start}")
+        return [first] + [t for t in ts if t < first]
+    ts = process.grid(n, "logsnr")[:-1].tolist()
+    if start is None:
+        return ts
+    first = float(start)
+    if not process.t_min <= first <= process.t_max:
+        raise ValueError(f"start must lie in [t_min, t_max] = [{process.t_min:g}, {process.t_max:g}], got {first:g}")
+    return [first] + [t for t in ts if t < first]
+
+
+def _count(process: Process, levels: int | None) -> int:
+    if levels is None:
+        if not process.discrete:
+            raise ValueError("the number of noise levels must be given on a continuous process")
+        return int(process.t_max) + 1
+    levels = int(levels)
+    if process.discrete and not 1 <= levels <= int(process.t_max) + 1:
+        raise ValueError(
+            f"the number of noise levels must be between 1 and the schedule's T = {int(process.t_max) + 1}, got {levels}"
+        )
+    if levels < 1:
+        raise ValueError(f"the number of noise levels must be at least 1, got {levels}")
+    return levels
+
+
+def _sigma(process: Process, t: float) -> tuple[float, float]:
+    a, s = process.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+    return float(a), float(s)
+
+
+def least_noisy_sigma(process: Process) -> float:
+    """σ_L: σ at the least noisy level of the geometric levels (t_min; t = 0 on a table)."""
+    return _sigma(process, noise_levels(process, 2)[-1])[1]
+
+
+def step_sizes(process: Process, ts: Sequence[float], epsilon: float) -> list[float]:
+    """η_i = ε σ_i²/σ_L² at the levels ``ts`` (Song & Ermon 2019, Alg. 1, line 3), σ_L from
+    :func:`least_noisy_sigma`."""
+    floor = least_noisy_sigma(process) ** 2
+    return [epsilon * _sigma(process, t)[1] ** 2 / floor for t in ts]
+
+
+def _check_eta(eta: float, epsilon: float, process: Process, t: float) -> None:
+    """η at level t, relative to the variance α² + σ² of p_t for data of unit variance, must stay ≤ MAX_ETA."""
+    a, s = _sigma(process, t)
+    rel = eta / (a * a + s * s)
+    if rel > MAX_ETA:
+        ratio = rel / epsilon
+        raise StepSizeError(
+            f"sgld's step at its noisiest level t = {t:g} would be η = ε·σ_1²/σ_L² = {eta:.3g}, {rel:.3g} times"
+            f" the variance α² + σ² of that level (σ_1²/(σ_L²(α_1² + σ_1²)) = {ratio:.3g} on this process), above"
+            f" {MAX_ETA}: Langevin steps that large overshoot. Lower epsilon to at most {MAX_ETA / ratio:.3g}."
+        )
+
+
+# -- sgld ------------------------------------------------------------------------------------------------
 class SGLDParams(Params):
-    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the schedule's noise levels."""
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the process's noise levels."""
 
     steps: int | None = Field(
         100,
         ge=1,
-        description="Number of noise levels L visited, from the noisiest to the least noisy; null visits"
-        " all T timesteps. With 'geometric' spacing, levels that round to the same timestep are merged.",
+        description="Number of noise levels L visited, from the noisiest to the least noisy; null takes 100 (at"
+        " most a table's T). With 'geometric' spacing on a table, levels that round to the same timestep are merged.",
     )
     steps_per_level: int = Field(
         10, ge=1, le=100_000, description="Langevin steps K at each noise level (Song & Ermon 2019 use 100 with L = 10)."
@@ -71,243 +171,188 @@ class SGLDParams(Params):
         2e-5,
         gt=0,
         le=1,
-        description="ε of the step size η_i = ε σ_i²/σ_L² at level i, σ_L the least noisy level visited"
-        " (Song & Ermon 2019, Alg. 1). The noisiest level's η_1 = ε σ_1²/σ_L² must stay below 1.",
+        description="ε of the step size η_i = ε σ_i²/σ_L² at level i, σ_L the least noisy level"
+        " (Song & Ermon 2019, Alg. 1). The noisiest level's η_1 over its variance α² + σ² must stay below 1.",
     )
-    spacing: Literal["geometric"] | Spacing = Field(
+    spacing: Literal["geometric"] | Grid = Field(
         "geometric",
-        description="Which timesteps are the noise levels: 'geometric' picks those whose VE-equivalent noise"
-        " level σ_t/√ᾱ_t is nearest a geometric sequence from t = T−1 to t = 0 (Song & Ermon 2019, Sec. 4.2),"
-        " i.e. evenly spread in log-SNR; the others take the timesteps of Schedule.timesteps.",
+        description="The noise levels: 'geometric' spaces σ/α geometrically from t_max to the least noisy level"
+        " (Song & Ermon 2019, Sec. 4.2; on a ve process exactly their σ_i; on a table the nearest timesteps),"
+        " i.e. evenly in log-SNR; the others are the grids of the other samplers.",
     )
     denoise: bool = Field(
         True,
-        description="End with Tweedie's formula x̂_0 = (x + σ_L² ∇log p(x))/√ᾱ_L at the last level"
-        " (Efron 2011; Jolicoeur-Martineau et al. 2021); false returns the last Langevin state, a draw of"
-        " p_{t_L} that still carries noise of scale σ_L.",
+        description="End with Tweedie's formula x̂_0 = (x + σ_L² ∇log p(x))/α_L at the last level"
+        " (Efron 2011; Song & Ermon 2020, Jolicoeur-Martineau et al. 2021); false returns the last Langevin"
+        " state, a draw of p_{t_L} that still carries noise of scale σ_L.",
     )
+    clip_denoised: Positive | Literal["auto", "dynamic"] | None = clip_field()
 
 
-def noise_levels(
-    schedule: Schedule, levels: int | None, spacing: str = "geometric", start: int | None = None
-) -> list[int]:
-    """The descending timesteps annealed Langevin dynamics visits.
-
-    ``geometric``: the timesteps whose VE-equivalent noise level σ_t/√ᾱ_t = SNR(t)^{−1/2}
-    lies nearest (in log) to ``levels`` values spaced geometrically from that of
-    t = T−1 to that of t = 0, as Song & Ermon 2019 space their σ_i; where two round to
-    the same timestep they are merged, so fewer levels may come back (94 of 100 for the
-    linear schedule of T = 1000). Other spacings are those of :meth:`Schedule.timesteps`.
-    ``start`` begins at that timestep and keeps the levels below it.
-    """
-    if spacing != "geometric":
-        return schedule.timesteps(levels, spacing, start=start)  # type: ignore[arg-type]
-    T = schedule.T
-    levels = T if levels is None else int(levels)
-    if not 1 <= levels <= T:
-        raise ValueError(f"the number of noise levels must be between 1 and the schedule's T = {T}, got {levels}")
-    # log(σ_t/√ᾱ_t) = −λ_t: a geometric sequence of σ_t/√ᾱ_t is evenly spaced in λ_t = ½ log SNR
-    lam = schedule.half_log_snr()
-    targets = torch.linspace(lam[-1].item(), lam[0].item(), levels, dtype=torch.float64)
-    ts = torch.unique_consecutive(schedule.nearest_log_snr(targets)).tolist()
-    if start is not None:
-        if not 0 <= start <= T - 1:
-            raise ValueError(f"start must be a timestep between 0 and T − 1 = {T - 1}, got {start}")
-        ts = [start] + [t for t in ts if t < start]
-    return ts
-
-
-def step_sizes(schedule: Schedule, ts: Sequence[int], epsilon: float) -> list[float]:
-    """η_i = ε σ_i²/σ_L² for the levels ``ts`` (Song & Ermon 2019, Alg. 1), σ_L the least noisy."""
-    sigma2 = (1.0 - schedule.alphas_cumprod[list(ts)]).tolist()
-    floor = min(sigma2)
-    return [epsilon * s2 / floor for s2 in sigma2]
-
-
-class SGLD:
-    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), in VP form.
-
-    For each level t_i, from the noisiest: K steps of
+class SGLD(StepSamplerBase):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1). At each level t_i, from the
+    noisiest, K steps of
 
         x ← x + (η_i/2) ∇log p_{t_i}(x) + √η_i z,   z ~ N(0, I),   η_i = ε σ_i²/σ_L²,
 
-    with ∇log p_t(x) = −ε̂(x, t)/σ_t; then, optionally, one denoising step by Tweedie's
-    formula at the last level. Langevin dynamics with step η samples p_t as η → 0 and
-    K → ∞ (Roberts & Tweedie 1996; Welling & Teh 2011); η_i ∝ σ_i² keeps the ratio of
-    the gradient step to the noise the same at every level (Song & Ermon 2019, Sec. 4.3).
-    Visiting the levels from large to small noise lets samples cross between modes
-    while the density is still smooth, and so reach the modes with their right
-    weights, which Langevin dynamics at a single small noise level does not (Sec. 3.2).
+    with ∇log p_t(x) = −ε̂(x, t)/σ(t); after the last level, optionally, x̂_0 by Tweedie's
+    formula. Langevin dynamics with step η samples p_t as η → 0 and K → ∞ (Roberts &
+    Tweedie 1996; Welling & Teh 2011); η_i ∝ σ_i² keeps the ratio of the gradient step to
+    the noise the same at every level (Sec. 4.3). Visiting the levels from large to small
+    noise lets samples cross between modes while the density is still smooth, and so
+    reach the modes with their right weights, which Langevin dynamics at a single small
+    noise level does not (Sec. 3.2).
 
-    ``steps`` (from the call or the parameters) is the number of levels L; the network
-    is evaluated L·K times (+1 for the denoising step). ``t_start`` with ``x_start``
-    starts at that level: ``t_start = 0`` runs plain (not annealed) Langevin dynamics
-    at the least noisy level.
+    One step of the loop is one level: ``steps`` is L, and the network is evaluated L·K
+    times (+1 for the denoising step). The callback sees the state entering each level
+    (reported at that level's t) and the result. ``t_start`` with ``x_start`` starts at
+    that level; ``t_start = t_min`` (0 on a table) runs plain, not annealed, Langevin
+    dynamics at the least noisy level.
     """
 
-    def __init__(self, params: SGLDParams) -> None:
-        self.params = params
+    name = "sgld"
+    default_steps = 100
 
-    def __call__(
-        self,
-        predict: Predict,
-        schedule: Schedule,
-        shape: Sequence[int],
-        *,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = False,
-        callback: StepCallback | None = None,
-        x_start: Tensor | None = None,
-        t_start: int | None = None,
-    ) -> Tensor:
+    def levels(self, process: Process, steps: int, start: float | None = None) -> Tensor:
+        ts = noise_levels(process, steps, self.params.spacing, start=start)
+        return torch.tensor([float(t) for t in ts] + [process.t_clean], dtype=torch.float64)
+
+    def step(self, x: Tensor, ctx: StepContext) -> Tensor:
         p = self.params
-        ts = noise_levels(schedule, steps or p.steps, p.spacing, start=t_start)
-        etas = step_sizes(schedule, ts, p.epsilon)
-        _check_eta(etas[0], p.epsilon, schedule, ts)
-        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
-        n = x.shape[0]
-        x = report(callback, ts[0], x)
-        t_vec = abar = None
-        bar = tqdm(total=len(ts) * p.steps_per_level, desc="sgld", disable=not progress, leave=False)
-        for t, eta in zip(ts, etas):
-            t_vec = torch.full((n,), t, device=device, dtype=torch.long)
-            abar = schedule.alpha_bar(t_vec, x)
-            half, root = eta / 2.0, math.sqrt(eta)
-            for _ in range(p.steps_per_level):
-                score = D.eps_to_score(predict(x, t_vec), abar)
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-                x = torch.add(x, score, alpha=half).add_(z, alpha=root)
-                x = report(callback, t, x)
-                bar.update()
-        bar.close()
-        if p.denoise:  # Tweedie: E[x_0 | x_t] = (x_t + σ_t² ∇log p_t(x_t))/√ᾱ_t
-            x = D.eps_to_x0(predict(x, t_vec), x, abar)
-        x = report(callback, -1, x)
+        if "sigma_L" not in ctx.memory:
+            ctx.memory["sigma_L"] = least_noisy_sigma(ctx.process)
+        sigma_L = ctx.memory["sigma_L"]
+        _, sigma_i = ctx.alpha_sigma(ctx.t)
+        eta = p.epsilon * sigma_i**2 / sigma_L**2  # Alg. 1, line 3
+        _check_eta(eta, p.epsilon, ctx.process, ctx.t)
+        for _ in range(p.steps_per_level):
+            score = -ctx.denoise(x).eps / sigma_i  # s_θ(x, σ_i) = −ε̂/σ_i
+            z = ctx.noise(x)
+            x = x + (eta / 2) * score + math.sqrt(eta) * z  # Alg. 1, line 6
+        if ctx.last and p.denoise:  # Tweedie: E[x_0 | x_t] = (x_t + σ² ∇log p_t(x_t))/α
+            return ctx.denoise(x).x0
         return x
 
 
-def _check_eta(eta: float, epsilon: float, schedule: Schedule, ts: Sequence[int]) -> None:
-    if eta > MAX_ETA:
-        ratio = eta / epsilon
-        raise StepSizeError(
-            f"sgld's step at its noisiest level would be η = ε·σ_1²/σ_L² = {eta:.3g} (σ_1²/σ_L² = {ratio:.3g}"
-            f" for levels t = {ts[0]} … {ts[-1]} of this schedule), above {MAX_ETA}: Langevin steps that"
-            f" large overshoot. Lower epsilon to at most {MAX_ETA / ratio:.3g}."
-        )
-
-
 def _check_sgld(params: SGLDParams, spec: Any) -> list[str]:
-    """At validation: the largest step η_1 for the spec's own schedule."""
+    """At validation: the largest step η_1 for the spec's own process (ve's sigma_max: null
+    takes the stand-in diameter validation builds with; sampling checks the real one)."""
     from diffkit.plugins import get_registry
-    from diffkit.spec import _validating
+    from diffkit.spec import VALIDATION_DIAMETER, _validating
 
     registry = _validating.get() or get_registry()
     try:
-        schedule = registry.build("schedule", spec.schedule)
-        ts = noise_levels(schedule, params.steps, params.spacing)
-        etas = step_sizes(schedule, ts, params.epsilon)
-        _check_eta(etas[0], params.epsilon, schedule, ts)
-    except ValueError as exc:
+        process = registry.build("schedule", spec.schedule, BuildContext(data_diameter=VALIDATION_DIAMETER))
+        ts = noise_levels(process, resolve_steps(SGLD(params), process, None), params.spacing)
+    except (ValueError, DiffkitError):
+        return []  # the schedule's and the steps' own problems are reported where they are checked
+    try:
+        _check_eta(step_sizes(process, ts[:1], params.epsilon)[0], params.epsilon, process, ts[0])
+    except StepSizeError as exc:
         return [str(exc)]
     return []
 
 
+# -- predictor–corrector ---------------------------------------------------------------------------------
 class PCParams(Params):
-    """Predictor–corrector sampling (Song et al. 2021, Alg. 1 with Alg. 5's corrector)."""
+    """Predictor–corrector sampling (Song et al. 2021, Alg. 2 and 3, with Alg. 4 and 5's corrector)."""
 
     steps: int | None = Field(
-        None, ge=1, description="Number of predictor steps; null takes all T. Fewer steps respace the chain."
+        None,
+        ge=1,
+        description="Number of predictor steps; null takes all T of a table (1000 on a continuous process).",
     )
-    spacing: Spacing = Field(
-        "linspace", description="How the visited timesteps are chosen when steps < T."
+    spacing: Grid | None = spacing_field()
+    predictor: Literal["ancestral", "reverse-diffusion"] = Field(
+        "ancestral",
+        description="'ancestral' samples the posterior q(x_s | x_t, x̂_0) (Ho et al. 2020, Alg. 2; Song et al."
+        " 2021, App. F); 'reverse-diffusion' is the discretised reverse SDE of Song et al. 2021, Eq. 46–47 (the"
+        " predictor of their Alg. 2 and 3).",
     )
     corrector_steps: int = Field(
-        1, ge=0, le=1000, description="Langevin corrector steps M after each predictor step; 0 is plain DDPM."
+        1, ge=0, le=1000, description="Langevin corrector steps M after each predictor step; 0 is the predictor alone."
     )
     snr: float = Field(
         0.16,
         gt=0,
         le=10,
         description="Signal-to-noise ratio r that sets the corrector's step ε = 2α (r‖z‖/‖∇log p‖)²"
-        " (Song et al. 2021, Alg. 5; 0.16 is their choice).",
+        " (Song et al. 2021, Alg. 4 and 5; 0.16 is their choice).",
     )
+    clip_denoised: Positive | Literal["auto", "dynamic"] | None = clip_field()
 
 
-class PredictorCorrector:
-    """Predictor–corrector sampling (Song et al. 2021, Sec. 4.2, Alg. 1 and 5).
+_ANCESTRAL = DDPM(DDPMParams(variance="posterior"))
 
-    Each step t → s (s the next visited timestep) is
 
-    - the **predictor**, one ancestral step of p_θ(x_s | x_t) (Ho et al. 2020, Alg. 2):
-      x ← c_0 x̂_0 + c_t x + √β̃ z with x̂_0 from ε̂ and (c_0, c_t, β̃) the posterior
-      coefficients of q(x_s | x_t, x_0) (Eq. 6–7; respaced when steps < T);
+class PredictorCorrector(StepSamplerBase):
+    """Predictor–corrector sampling (Song et al. 2021, Sec. 4.2; Alg. 2 for VE, 3 for VP).
+
+    Each step t → s is
+
+    - the **predictor**: ``ancestral``, one step of q(x_s | x_t, x̂_0) as ``ddpm`` takes it
+      (Ho et al. 2020, Alg. 2; for α = 1 Song et al. 2021, Eq. 47); or ``reverse-diffusion``,
+      x_s = (2 − α_{t|s}) x_t + σ²_{t|s} ∇log p_t(x_t) + σ_{t|s} z with α_{t|s} = α_t/α_s and
+      σ²_{t|s} = σ_t² − α²_{t|s} σ_s² (Eq. 46–47: on ``ve`` Alg. 2's
+      x + (σ_t² − σ_s²) s_θ + √(σ_t² − σ_s²) z, on a VP table Alg. 3's
+      (2 − √(1 − β)) x + β s_θ + √β z);
     - then M **corrector** steps of Langevin dynamics that target p_s:
-      x ← x + ε g + √(2ε) z with g = ∇log p_s(x) = −ε̂(x, s)/σ_s and
-      ε = 2 α_s (r ‖z‖/‖g‖)², α_s = 1 − β_s (Alg. 5). As in the authors' code, ‖z‖ and
-      ‖g‖ are per-sample norms averaged over the batch, so one step size serves the
-      whole batch (a per-sample ratio blows up wherever g vanishes).
+      x ← x + ε g + √(2ε) z with g = ∇log p_s(x) = −ε̂(x, s)/σ_s and ε = 2 α_i (r ‖z‖/‖g‖)²
+      (Alg. 4 for VE with α_i = 1, Alg. 5 for VP with α_i = 1 − β_s). α_i is the one-step
+      ratio α(s)²/α(s⁻)²: on a table its own step s − 1 → s, as the authors' code reads
+      ``sde.alphas[s]``; on a continuous process the step just taken, α_{t|s}². As in their
+      code, ‖z‖ and ‖g‖ are per-sample norms averaged over the batch, so one step size
+      serves the whole batch (a per-sample ratio blows up wherever g vanishes).
 
-    The last predictor step lands on clean data (ᾱ = 1, no noise: x ← x̂_0), where
-    there is no score to correct with. The callback sees the state after the
-    predictor and after each corrector step.
+    The last step lands on the clean data with x̂_0 (no noise, no corrector: the denoising
+    step of Song et al. 2021, App. G). The callback sees the state after each step.
     """
 
-    def __init__(self, params: PCParams) -> None:
-        self.params = params
+    name = "pc"
+    default_steps = 1000
 
-    def __call__(
-        self,
-        predict: Predict,
-        schedule: Schedule,
-        shape: Sequence[int],
-        *,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = False,
-        callback: StepCallback | None = None,
-        x_start: Tensor | None = None,
-        t_start: int | None = None,
-    ) -> Tensor:
+    def step(self, x: Tensor, ctx: StepContext) -> Tensor:
         p = self.params
-        ts = schedule.timesteps(steps or p.steps, p.spacing, start=t_start)
-        nxt = ts[1:] + [-1]
-        # Python floats, computed once: (c_0, c_t, β̃) of q(x_s | x_t, x_0) and α_s.
-        like = torch.zeros(len(ts), dtype=torch.float64)  # ᾱ read in float64 on the CPU
-        abar_from = schedule.alpha_bar(torch.tensor(ts), like)
-        abar_to = schedule.alpha_bar(torch.tensor(nxt), like)
-        c0, ct, var = (v.tolist() for v in D.posterior_coefficients(abar_from, abar_to))
-        alphas = schedule.alphas.tolist()
-        x = initial_state(shape, generator=generator, device=device, dtype=dtype, x_start=x_start)
-        n = x.shape[0]
-        x = report(callback, ts[0], x)
-        t_vec = torch.full((n,), ts[0], device=device, dtype=torch.long)
-        abar_t = schedule.alpha_bar(t_vec, x)
-        for i, (t, s) in enumerate(tqdm(list(zip(ts, nxt)), desc="pc", disable=not progress, leave=False)):
-            # predictor: ancestral step t → s
-            x0 = D.eps_to_x0(predict(x, t_vec), x, abar_t)
-            x = torch.add(x0.mul_(c0[i]), x, alpha=ct[i])
-            if s < 0:
-                x = report(callback, s, x)
-                break
-            z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-            x.add_(z, alpha=math.sqrt(var[i]))
-            x = report(callback, s, x)
-            t_vec = torch.full((n,), s, device=device, dtype=torch.long)
-            abar_t = schedule.alpha_bar(t_vec, x)
-            # corrector: Langevin steps targeting p_s, step size from the signal-to-noise ratio
-            for _ in range(p.corrector_steps):
-                g = D.eps_to_score(predict(x, t_vec), abar_t)
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-                ratio = z.flatten(1).norm(dim=1).mean() / g.flatten(1).norm(dim=1).mean()
-                step = (2.0 * alphas[s]) * (p.snr * ratio).square()
-                x = x.addcmul(g, step).addcmul_(z, (2.0 * step).sqrt())
-                x = report(callback, s, x)
+        if p.predictor == "ancestral":
+            x = _ANCESTRAL.step(x, ctx)
+        else:
+            x = self._reverse_diffusion(x, ctx)
+        if ctx.last:
+            return x
+        return self._correct(x, ctx)
+
+    def _reverse_diffusion(self, x: Tensor, ctx: StepContext) -> Tensor:
+        """Song et al. 2021, Eq. 46–47 for the transition x_t = α_{t|s} x_s + σ_{t|s} z."""
+        d = ctx.denoise(x)
+        if ctx.last:
+            return d.x0
+        a_t, s_t = ctx.alpha_sigma(ctx.t)
+        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        alpha_ts = a_t / a_s
+        var_ts = max(s_t * s_t - alpha_ts * alpha_ts * s_s * s_s, 0.0)
+        score = -d.eps / s_t
+        return (2.0 - alpha_ts) * x + var_ts * score + math.sqrt(var_ts) * ctx.noise(x)
+
+    def _correct(self, x: Tensor, ctx: StepContext) -> Tensor:
+        """Alg. 4/5 of Song et al. 2021: M Langevin steps at s, step size from the signal-to-noise ratio r."""
+        p = self.params
+        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_prev = ctx.alpha_sigma(ctx.s - 1.0)[0] if ctx.process.discrete else ctx.alpha_sigma(ctx.t)[0]
+        alpha_i = (a_s / a_prev) ** 2
+        for _ in range(p.corrector_steps):
+            g = -ctx.denoise(x, ctx.s).eps / s_s
+            z = ctx.noise(x)
+            ratio = z.flatten(1).norm(dim=1).mean() / g.flatten(1).norm(dim=1).mean()
+            eps = (2.0 * alpha_i) * (p.snr * ratio).square()
+            x = x + eps * g + (2.0 * eps).sqrt() * z
         return x
+
+
+def _factory(cls: type[StepSamplerBase]):
+    def build(params: Params, ctx: BuildContext) -> StepSamplerBase:
+        return cls(params)
+
+    return build
 
 
 @hookimpl
@@ -315,7 +360,7 @@ def diffkit_samplers() -> list[Component]:
     return [
         Component(
             "sgld",
-            lambda p, ctx: SGLD(p),
+            _factory(SGLD),
             SGLDParams,
             "Annealed Langevin dynamics over the noise levels, with a final Tweedie denoising step"
             " (Song & Ermon 2019, Alg. 1).",
@@ -323,8 +368,9 @@ def diffkit_samplers() -> list[Component]:
         ),
         Component(
             "pc",
-            lambda p, ctx: PredictorCorrector(p),
+            _factory(PredictorCorrector),
             PCParams,
-            "Predictor–corrector: ancestral predictor and Langevin corrector (Song et al. 2021, Alg. 1, 5).",
+            "Predictor–corrector: ancestral or reverse-diffusion predictor and Langevin corrector"
+            " (Song et al. 2021, Alg. 2–5).",
         ),
     ]
