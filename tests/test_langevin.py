@@ -6,6 +6,12 @@ against that law within 5 standard errors (Monte Carlo) and the law against the 
 distribution within a stated budget (discretisation), as tests/test_samplers.py does
 for DDPM. The mixture tests check what annealing is for: recovering the weights of
 well-separated modes, which Langevin dynamics at a single noise level does not.
+
+Most tests call the samplers in the 0.1 style, ``sampler(predict, schedule, shape)`` on a
+discrete table, as 0.1's tests did; the tests of the continuous core drive them in
+:func:`diffkit.sampling.run` with the exact denoiser of any process
+(``GaussianData.denoiser``), on ``ve`` (where ``sgld`` is NCSN's Alg. 1, checked bit for
+bit against the algorithm written out by hand) and ``vp``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from hypothesis import strategies as st
 
 import diffkit
 from diffkit.oracles import GaussianData, GaussianMixture
-from diffkit_plugins.langevin import noise_levels, step_sizes
+from diffkit.sampling import run
+from diffkit_plugins.langevin import least_noisy_sigma, noise_levels, step_sizes
 
 REGISTRY = diffkit.get_registry()
 F64 = torch.float64
@@ -34,6 +41,18 @@ def linear(T: int = 1000):
     return REGISTRY.build("schedule", {"type": "linear", "timesteps": T})
 
 
+def ve(sigma_max: float = 10.0, sigma_min: float = 0.01):
+    """NCSN's noise levels; σ_max = 10 is about twice the largest distance between draws of
+    GAUSS (Song & Ermon 2020, Technique 1)."""
+    return REGISTRY.build("schedule", {"type": "ve", "sigma_max": sigma_max, "sigma_min": sigma_min})
+
+
+def draw_exact(oracle, process, smp, n, seed, **kwargs):
+    """Samples of ``smp`` in the core's loop, driven by the exact (x̂_0, ε̂) of ``oracle`` under ``process``."""
+    with torch.inference_mode():
+        return run(smp, oracle.denoiser(process), process, (n, 2), generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
 def sampler(kind: str, **params):
     return REGISTRY.build("sampler", {"type": kind, **params})
 
@@ -43,32 +62,33 @@ def draw(oracle, sch, smp, n, seed, **kwargs):
         return smp(oracle.predict(sch), sch, (n, 2), generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
-def sgld_law(oracle: GaussianData, sch, ts, etas, K, denoise, start_var=1.0):
-    """Exact mean and covariance of ``sgld``'s output for Gaussian data and its exact score.
+def sgld_law(oracle: GaussianData, process, ts, etas, K, denoise, start_var=None):
+    """Exact mean and covariance of ``sgld``'s output for Gaussian data and its exact score,
+    on any process x_t = α x_0 + σ ε.
 
     In the eigenbasis (u = Uᵀx, m = Uᵀμ, Σ = U diag(λ) Uᵀ) the score at level t is
-    −(u − √ᾱ m)/c with c = ᾱλ + 1 − ᾱ, so a Langevin step u ← u + (η/2)·score + √η z is
-    u ← A u + b + √η z with A = 1 − η/(2c), b = η √ᾱ m/(2c). K steps give, in closed
+    −(u − α m)/c with c = α²λ + σ², so a Langevin step u ← u + (η/2)·score + √η z is
+    u ← A u + b + √η z with A = 1 − η/(2c), b = η α m/(2c). K steps give, in closed
     form, M ← A^K M + b (1 − A^K)/(1 − A) and V ← A^{2K} V + η (1 − A^{2K})/(1 − A²).
-    Tweedie's step x̂_0 = (u + σ² score)/√ᾱ is u ← G u + σ² m/c with
-    G = (1 − σ²/c)/√ᾱ. The start is N(0, start_var·I).
+    Tweedie's step x̂_0 = (u + σ² score)/α is u ← G u + σ² m/c with G = (1 − σ²/c)/α.
+    The start is N(0, start_var·I), by default the loop's prior (variance α² + σ² at t_max).
     """
     lam, U = oracle.eigvals, oracle.eigvecs
     m = U.T @ oracle.mean
-    abar = sch.alphas_cumprod
+    start_var = process.prior_std() ** 2 if start_var is None else start_var
     M, V = torch.zeros_like(m), torch.full_like(m, start_var)
     for t, eta in zip(ts, etas):
-        a = abar[t]
-        c = a * lam + 1 - a
-        A, b = 1 - eta / (2 * c), eta * a.sqrt() * m / (2 * c)
+        a, s = process.alpha_sigma(torch.tensor(float(t), dtype=F64))
+        c = a * a * lam + s * s
+        A, b = 1 - eta / (2 * c), eta * a * m / (2 * c)
         AK = A**K
         M = AK * M + b * (1 - AK) / (1 - A)
         V = AK**2 * V + eta * (1 - AK**2) / (1 - A**2)
     if denoise:
-        a = abar[ts[-1]]
-        c = a * lam + 1 - a
-        G = (1 - (1 - a) / c) / a.sqrt()
-        M, V = G * M + (1 - a) * m / c, G**2 * V
+        a, s = process.alpha_sigma(torch.tensor(float(ts[-1]), dtype=F64))
+        c = a * a * lam + s * s
+        G = (1 - s * s / c) / a
+        M, V = G * M + s * s * m / c, G**2 * V
     return U @ M, U @ torch.diag(V) @ U.T
 
 
@@ -185,6 +205,152 @@ def test_denoising_is_tweedie():
     a = sch.alphas_cumprod[ts[-1]]
     expected = (raw.double() + (1 - a) * GAUSS.score(raw, a).double()) / a.sqrt()
     torch.testing.assert_close(den.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the continuous core: ve (NCSN) and vp ---------------------------------------------------
+def test_ve_levels_are_ncsns_geometric_sigmas():
+    """On ve the geometric levels are σ_i = σ(t_i) with constant ratio σ_{i+1}/σ_i, from σ_max to
+    σ(t_min) = σ_min (σ_max/σ_min)^{t_min} (Song & Ermon 2019, Sec. 4.2), and σ_L is the last."""
+    proc = ve()
+    ts = noise_levels(proc, 10)
+    sig = proc.alpha_sigma(torch.tensor(ts, dtype=F64))[1]
+    log_ratio = (sig[1:] / sig[:-1]).log()
+    torch.testing.assert_close(log_ratio, log_ratio.mean().expand(9), rtol=1e-12, atol=1e-12)
+    assert sig[0].item() == pytest.approx(10.0, rel=1e-14)
+    assert sig[-1].item() == pytest.approx(0.01 * 1000.0**proc.t_min, rel=1e-14)
+    assert least_noisy_sigma(proc) == sig[-1].item()
+    assert noise_levels(proc, 10, start=0.5) == [0.5] + [t for t in ts if t < 0.5]
+
+
+@pytest.mark.parametrize("denoise", [False, True])
+def test_sgld_on_ve_is_song_and_ermon_algorithm_1_bit_for_bit(denoise):
+    """sgld on ve against Alg. 1 of Song & Ermon 2019 written out here, with the same
+    generator: x̃ from the loop's prior N(0, (1 + σ_max²) I); for i = 1..L, α_i = ε σ_i²/σ_L²,
+    K times z ~ N(0, I), x̃ ← x̃ + (α_i/2) s(x̃, σ_i) + √α_i z; with ``denoise`` then
+    x̂_0 = x̃ + σ_L² s(x̃, σ_L) (Song & Ermon 2020, α = 1). The score s(x, σ) = −ε̂/σ is the
+    exact one of the Gaussian on p_data ∗ N(0, σ² I): −(Σ + σ² I)⁻¹(x − μ)."""
+    proc = ve()
+    L, K, epsilon, n = 12, 4, 2e-5, 256
+    smp = sampler("sgld", steps=L, steps_per_level=K, epsilon=epsilon, denoise=denoise, clip_denoised=None)
+    den = GAUSS.denoiser(proc)
+    got = draw_exact(GAUSS, proc, smp, n, 0)
+
+    ts = noise_levels(proc, L)
+    sigmas = [float(proc.alpha_sigma(torch.tensor(t, dtype=F64))[1]) for t in ts]
+
+    def s(x, i):
+        return -den(x, torch.full((n,), ts[i], dtype=F64)).eps / sigmas[i]
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g) * math.sqrt(1.0 + sigmas[0] ** 2)
+    for i in range(L):
+        alpha_i = epsilon * sigmas[i] ** 2 / sigmas[-1] ** 2
+        for _ in range(K):
+            z = torch.randn(n, 2, generator=g)
+            x = x + (alpha_i / 2) * s(x, i) + math.sqrt(alpha_i) * z
+    if denoise:
+        x = x + sigmas[-1] ** 2 * s(x, L - 1)
+        got, x = got.double(), x.double()
+        torch.testing.assert_close(got, x, rtol=0, atol=1e-6)  # x̂_0 via ε̂: (x − σ ε̂)/α, one rounding apart
+    else:
+        assert torch.equal(got, x)
+    closed = -torch.linalg.solve(COV + sigmas[3] ** 2 * torch.eye(2, dtype=F64), (x.double() - MEAN).T).T
+    torch.testing.assert_close(s(x.float(), 3).double(), closed, rtol=1e-5, atol=1e-5)
+
+
+def test_sgld_on_ve_follows_its_exact_law_and_converges_to_the_gaussian():
+    """NCSN on ve with the exact score: the samples follow the exact law of the chain (for
+    Gaussian data every step is linear-Gaussian, sgld_law), and that law tends to N(μ, Σ) as
+    the Langevin time per level grows. On ve the mean has no lag (the levels share the mean
+    μ); the covariance lags where σ_i² falls below Σ's small eigenvalue 0.10: 7.9% at the
+    defaults (ε = 2e-5, K = 10), 1.8% at ε = 1e-4, 0.17% with K = 100, 0.015% with K = 1000 (the unadjusted algorithm's O(η) bias)."""
+    proc = ve()
+    ts = noise_levels(proc, 100)
+    smp = sampler("sgld", clip_denoised=None)
+    x = draw_exact(GAUSS, proc, smp, 10_000, 20)
+    mean, cov = sgld_law(GAUSS, proc, ts, step_sizes(proc, ts, 2e-5), 10, denoise=True)
+    assert_matches_law(x, mean, cov)
+    for epsilon, K, cov_error in ((2e-5, 10, 0.08), (1e-4, 10, 0.018), (1e-4, 100, 0.0018), (1e-4, 1000, 0.0002)):
+        mean, cov = sgld_law(GAUSS, proc, ts, step_sizes(proc, ts, epsilon), K, denoise=True)
+        assert (mean - MEAN).abs().max() < 1e-6
+        assert relative_cov_error(cov) < cov_error, (epsilon, K, relative_cov_error(cov))
+
+
+def test_sgld_on_ve_recovers_the_gaussian():
+    """With 50 levels, ε = 1e-4 and K = 100 (law: 0.35% off Σ, mean exact), the samples' mean
+    and covariance are within 5 standard errors plus 0.004 of the data's."""
+    smp = sampler("sgld", steps=50, epsilon=1e-4, steps_per_level=100, clip_denoised=None)
+    x = draw_exact(GAUSS, ve(), smp, 4000, 21)
+    assert_near_data(x, 0.004, 0.004)
+
+
+def test_sgld_on_the_table_is_the_same_in_the_core_loop():
+    """The linear table driven by GaussianData.denoiser in the core's loop gives the samples of
+    the 0.1 call driven by the ε-oracle on the table, from the same seed (two codings of one
+    exact denoiser, so equal to float rounding)."""
+    sch = linear()
+    smp = sampler("sgld", steps=20, steps_per_level=3)
+    a = draw(GAUSS, sch, smp, 512, 22)
+    b = draw_exact(GAUSS, sch, smp, 512, 22)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "process, predictor, budget_mean, budget_cov",
+    [
+        ("ve", "ancestral", 0.005, 0.01),
+        ("ve", "reverse-diffusion", 0.005, 0.01),
+        ("vp", "ancestral", 0.005, 0.01),
+        ("vp", "reverse-diffusion", 0.005, 0.01),
+    ],
+)
+def test_pc_on_continuous_processes_recovers_the_gaussian(process, predictor, budget_mean, budget_cov):
+    """pc (200 predictor steps, one corrector step each) with the exact denoiser of ve and of vp
+    (Song et al. 2021, Alg. 2 and 3): mean and covariance within 5 SE plus the discretisation
+    budget of the data's."""
+    proc = ve() if process == "ve" else REGISTRY.build("schedule", "vp")
+    smp = sampler("pc", steps=200, predictor=predictor, clip_denoised=None)
+    x = draw_exact(GAUSS, proc, smp, 4000, 24)
+    assert_near_data(x, budget_mean, budget_cov)
+
+
+def test_pc_reverse_diffusion_on_ve_is_algorithm_2():
+    """One predictor step of reverse-diffusion on ve is Alg. 2's
+    x ← x + (σ_t² − σ_s²) s(x, σ_t) + √(σ_t² − σ_s²) z, followed by Alg. 4's corrector."""
+    proc = ve()
+    smp = sampler("pc", steps=3, predictor="reverse-diffusion", corrector_steps=0, clip_denoised=None)
+    den = GAUSS.denoiser(proc)
+    n = 64
+    got = draw_exact(GAUSS, proc, smp, n, 25, levels=torch.tensor([1.0, 0.5, proc.t_clean], dtype=F64))
+    g = torch.Generator().manual_seed(25)
+    s_t, s_s = (float(proc.alpha_sigma(torch.tensor(t, dtype=F64))[1]) for t in (1.0, 0.5))
+    x = torch.randn(n, 2, generator=g) * proc.prior_std()
+    score = -den(x, torch.full((n,), 1.0, dtype=F64)).eps / s_t
+    x = 1.0 * x + (s_t**2 - s_s**2) * score + math.sqrt(s_t**2 - s_s**2) * torch.randn(n, 2, generator=g)
+    x = den(x, torch.full((n,), 0.5, dtype=F64)).x0
+    torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_clip_denoised_bounds_the_score_implied_x0():
+    """With clip_denoised = c the Langevin steps follow the score implied by the clipped
+    x̂_0, (α x̂_0 − x)/σ²: for data at (5, −5), far outside [−1, 1], the last Langevin state
+    (denoise: false) sits at the clipped x̂_0 (1, −1) within the last levels' noise, where
+    without the bound it sits at the data."""
+    far = GaussianData(torch.tensor([5.0, -5.0], dtype=F64), 0.01 * torch.eye(2, dtype=F64))
+    proc, den = ve(), far.denoiser(ve())
+    corner = torch.tensor([1.0, -1.0], dtype=F64)
+
+    def predict(x, t):
+        return den(x, t).eps
+
+    def sample(clip):
+        smp = sampler("sgld", steps=20, denoise=False, clip_denoised=clip)
+        with torch.inference_mode():
+            return smp(predict, proc, (256, 2), generator=torch.Generator().manual_seed(26)).double()
+
+    x = sample(1.0)
+    assert (x.mean(0) - corner).abs().max() < 0.02 and (x - corner).abs().max() < 0.1, x.mean(0)
+    assert (sample(None).mean(0) - far.mean).abs().max() < 0.05
 
 
 # -- annealing against a single level, on two modes ------------------------------------------
