@@ -65,6 +65,96 @@ def test_images_shape():
     torch.testing.assert_close(obj.to_eps(out, x_t, t, sch), eps, rtol=1e-5, atol=1e-5)
 
 
+# -- any process ----------------------------------------------------------------------------
+PROCESSES = {
+    "vp": {"type": "vp"},
+    "sub-vp": {"type": "sub-vp"},
+    "ve": {"type": "ve", "sigma_max": 20.0},
+    "edm": {"type": "edm"},
+    "rectified-flow": {"type": "rectified-flow"},
+    "linear": {"type": "linear", "timesteps": 1000},
+}
+
+
+def process(name: str):
+    return REGISTRY.build("schedule", PROCESSES[name])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(PROCESSES)), st.integers(0, 2**31 - 1))
+def test_round_trip_on_every_process(name, seed):
+    """On every process x_t = α x_0 + σ ε at random continuous t: the target is −ε/σ, and
+    denoised(target) gives back (x_0, ε) (ε̂ = −σ s, x̂_0 = (x_t + σ² s)/α); to_score is the
+    output, to_velocity is α' x_0 + σ' ε (Song et al. 2021, Eq. 13)."""
+    proc, obj = process(name), objective()
+    g = torch.Generator().manual_seed(seed)
+    x0, eps = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    u = torch.rand(5, generator=g, dtype=F64)
+    lo = proc.t_min if proc.t_min > 0 else 1e-3
+    t = lo + (proc.t_max - lo) * u
+    a, s = proc.alpha_sigma(t)
+    x_t = a[:, None] * x0 + s[:, None] * eps
+    target = obj.target(x0, eps, x_t, t, proc)
+    torch.testing.assert_close(target, -eps / s[:, None], rtol=1e-12, atol=0)
+    x0_hat, eps_hat = obj.denoised(target, x_t, t, proc)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-7, atol=1e-7 * float((s / a).max()))
+    assert obj.to_score(target, x_t, t, proc) is target
+    da, ds = proc.derivatives(t)
+    torch.testing.assert_close(
+        obj.to_velocity(target, x_t, t, proc), da[:, None] * x0 + ds[:, None] * eps, rtol=1e-6, atol=1e-6 * float((s / a).max())
+    )
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "rectified-flow"])
+def test_the_exact_score_converts_to_the_exact_denoiser(name):
+    """A network that outputs the exact score −C⁻¹(x − αμ), C = α²Σ + σ²I, of Gaussian data
+    converts through Score.denoised to GaussianData.denoiser's exact (x̂_0, ε̂): what a sampler
+    sees is the same whether the exact model is written as a score or as a denoiser."""
+    proc, obj = process(name), objective()
+    data = GaussianData(MEAN, COV)
+    g = torch.Generator().manual_seed(1)
+    t = proc.t_min + 1e-3 + (proc.t_max - proc.t_min - 1e-3) * torch.rand(64, generator=g, dtype=F64)
+    x_t = proc.q_sample(data.sample(64, g, dtype=F64), t, torch.randn(64, 2, generator=g, dtype=F64))
+    a, s = proc.alpha_sigma(t)
+    C = a[:, None, None] ** 2 * COV + s[:, None, None] ** 2 * torch.eye(2, dtype=F64)
+    score = -torch.linalg.solve(C, (x_t - a[:, None] * MEAN).unsqueeze(-1)).squeeze(-1)
+    x0_hat, eps_hat = obj.denoised(score, x_t, t, proc)
+    exact = data.denoiser(proc)(x_t, t)
+    torch.testing.assert_close(eps_hat, exact.eps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x0_hat, exact.x0, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm", "rectified-flow"])
+def test_sigma2_weighting_is_the_eps_loss_on_continuous_processes(name):
+    """λ = σ(t)²: per sample, λ ‖s_θ − target‖² = ‖ε̂ − ε‖² with ε̂ = −σ s_θ, the ε loss of the
+    converted output, at t drawn as the process draws it for training."""
+    proc, obj = process(name), objective()
+    g = torch.Generator().manual_seed(2)
+    t = obj.sample_t(proc, 64, g, torch.device("cpu")).double().clamp(min=max(proc.t_min, 1e-3))
+    x0, eps, out = (torch.randn(64, 2, generator=g, dtype=F64) for _ in range(3))
+    a, s = proc.alpha_sigma(t)
+    x_t = a[:, None] * x0 + s[:, None] * eps
+    dsm = obj.weight(t, proc, x0) * (out - obj.target(x0, eps, x_t, t, proc)).square().sum(1)
+    eps_hat = obj.denoised(out, x_t, t, proc)[1]
+    torch.testing.assert_close(dsm, (eps_hat - eps).square().sum(1), rtol=1e-10, atol=0)
+
+
+def test_likelihood_weighting_on_continuous_processes():
+    """λ(t) ∝ g(t)² of the forward SDE (Song et al. 2021, Thm. 1): on vp g² = β(t) =
+    β_min + t(β_max − β_min), linear in t; on ve g² = 2σ² ln(σ_max/σ_min), so the average of
+    λ/σ² is 2 ln(σ_max/σ_min) and the normalised weight is σ² itself, the sigma2 weighting."""
+    obj, default = objective(weighting="likelihood"), objective()
+    vp = process("vp")
+    t = torch.linspace(vp.t_min, 1.0, 50, dtype=F64)
+    like = torch.zeros(50, 2, dtype=F64)
+    ratio = obj.weight(t, vp, like) / (0.1 + t * 19.9)
+    torch.testing.assert_close(ratio, ratio.mean().expand_as(ratio), rtol=1e-6, atol=0)
+    ve = process("ve")
+    torch.testing.assert_close(obj.weight(t, ve, like), default.weight(t, ve, like), rtol=1e-9, atol=0)
+    torch.testing.assert_close(default.weight(t, ve, like), ve.alpha_sigma(t)[1].square(), rtol=1e-12, atol=0)
+
+
 # -- weights and the loss ------------------------------------------------------------------
 def test_sigma2_weighting_makes_the_loss_the_eps_loss():
     """λ = σ_t²: E σ² ‖s_θ + ε/σ‖² = E ‖(−σ s_θ) − ε‖², the ε loss of the network
