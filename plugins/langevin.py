@@ -56,6 +56,8 @@ __all__ = [
     "noise_levels",
     "least_noisy_sigma",
     "step_sizes",
+    "resolve_epsilon",
+    "NCSN_STEP_RATIO",
     "StepSizeError",
     "MAX_ETA",
 ]
@@ -134,10 +136,21 @@ def least_noisy_sigma(process: Process) -> float:
     return _sigma(process, noise_levels(process, 2)[-1])[1]
 
 
-def step_sizes(process: Process, ts: Sequence[float], epsilon: float) -> list[float]:
+NCSN_STEP_RATIO = 0.2
+"""ε/σ_L² of NCSN: ε = 2e-5 with σ_L = 0.01 (Song & Ermon 2019, Sec. 5), so η_i = 0.2 σ_i²."""
+
+
+def resolve_epsilon(process: Process, epsilon: float | None) -> float:
+    """ε as given, or for ``None`` NCSN's ratio to the least noisy level: ε = 0.2 σ_L²
+    (2e-5 on ``ve`` with σ_min = 0.01 and on the linear table, whose σ_0² = β_0 = 1e-4)."""
+    return NCSN_STEP_RATIO * least_noisy_sigma(process) ** 2 if epsilon is None else float(epsilon)
+
+
+def step_sizes(process: Process, ts: Sequence[float], epsilon: float | None) -> list[float]:
     """η_i = ε σ_i²/σ_L² at the levels ``ts`` (Song & Ermon 2019, Alg. 1, line 3), σ_L from
-    :func:`least_noisy_sigma`."""
+    :func:`least_noisy_sigma`, ε from :func:`resolve_epsilon`."""
     floor = least_noisy_sigma(process) ** 2
+    epsilon = resolve_epsilon(process, epsilon)
     return [epsilon * _sigma(process, t)[1] ** 2 / floor for t in ts]
 
 
@@ -167,12 +180,13 @@ class SGLDParams(Params):
     steps_per_level: int = Field(
         10, ge=1, le=100_000, description="Langevin steps K at each noise level (Song & Ermon 2019 use 100 with L = 10)."
     )
-    epsilon: float = Field(
-        2e-5,
+    epsilon: float | None = Field(
+        None,
         gt=0,
         le=1,
         description="ε of the step size η_i = ε σ_i²/σ_L² at level i, σ_L the least noisy level"
-        " (Song & Ermon 2019, Alg. 1). The noisiest level's η_1 over its variance α² + σ² must stay below 1.",
+        " (Song & Ermon 2019, Alg. 1). The noisiest level's η_1 over its variance α² + σ² must stay below 1."
+        " null takes NCSN's ratio ε = 0.2 σ_L² (their 2e-5 at σ_L = 0.01; 2e-5 on the linear table).",
     )
     spacing: Literal["geometric"] | Grid = Field(
         "geometric",
@@ -221,10 +235,11 @@ class SGLD(StepSamplerBase):
         p = self.params
         if "sigma_L" not in ctx.memory:
             ctx.memory["sigma_L"] = least_noisy_sigma(ctx.process)
-        sigma_L = ctx.memory["sigma_L"]
+            ctx.memory["epsilon"] = resolve_epsilon(ctx.process, p.epsilon)
+        sigma_L, epsilon = ctx.memory["sigma_L"], ctx.memory["epsilon"]
         _, sigma_i = ctx.alpha_sigma(ctx.t)
-        eta = p.epsilon * sigma_i**2 / sigma_L**2  # Alg. 1, line 3
-        _check_eta(eta, p.epsilon, ctx.process, ctx.t)
+        eta = epsilon * sigma_i**2 / sigma_L**2  # Alg. 1, line 3
+        _check_eta(eta, epsilon, ctx.process, ctx.t)
         for _ in range(p.steps_per_level):
             score = -ctx.denoise(x).eps / sigma_i  # s_θ(x, σ_i) = −ε̂/σ_i
             z = ctx.noise(x)
@@ -247,7 +262,8 @@ def _check_sgld(params: SGLDParams, spec: Any) -> list[str]:
     except (ValueError, DiffkitError):
         return []  # the schedule's and the steps' own problems are reported where they are checked
     try:
-        _check_eta(step_sizes(process, ts[:1], params.epsilon)[0], params.epsilon, process, ts[0])
+        epsilon = resolve_epsilon(process, params.epsilon)
+        _check_eta(step_sizes(process, ts[:1], epsilon)[0], epsilon, process, ts[0])
     except StepSizeError as exc:
         return [str(exc)]
     return []

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import diffkit
 from diffkit.oracles import GaussianData, GaussianMixture
 from diffkit.sampling import run
-from diffkit_plugins.langevin import least_noisy_sigma, noise_levels, step_sizes
+from diffkit_plugins.langevin import least_noisy_sigma, noise_levels, resolve_epsilon, step_sizes
 
 REGISTRY = diffkit.get_registry()
 F64 = torch.float64
@@ -165,7 +165,7 @@ def relative_cov_error(cov):
 
 
 def test_annealed_langevin_with_default_settings_follows_its_exact_law():
-    """The default sgld (100 levels, 10 steps each, ε = 2e-5, Tweedie at the end) from
+    """The default sgld (100 levels, 10 steps each, ε = 0.2 σ_0² = 2e-5, Tweedie at the end) from
     N(0, I): the samples follow the exact law of the chain."""
     sch, smp = linear(), sampler("sgld")
     p = smp.params
@@ -173,6 +173,7 @@ def test_annealed_langevin_with_default_settings_follows_its_exact_law():
     x = draw(GAUSS, sch, smp, 10_000, 3)
     mean, cov = sgld_law(GAUSS, sch, ts, step_sizes(sch, ts, p.epsilon), p.steps_per_level, denoise=True)
     assert_matches_law(x, mean, cov)
+    assert p.epsilon is None and resolve_epsilon(sch, None) == pytest.approx(2e-5, rel=1e-9)  # 0.2 σ_0², σ_0² = β_0
 
 
 @pytest.mark.parametrize(
@@ -263,12 +264,12 @@ def test_sgld_on_ve_follows_its_exact_law_and_converges_to_the_gaussian():
     Gaussian data every step is linear-Gaussian, sgld_law), and that law tends to N(μ, Σ) as
     the Langevin time per level grows. On ve the mean has no lag (the levels share the mean
     μ); the covariance lags where σ_i² falls below Σ's small eigenvalue 0.10: 7.9% at the
-    defaults (ε = 2e-5, K = 10), 1.8% at ε = 1e-4, 0.17% with K = 100, 0.015% with K = 1000 (the unadjusted algorithm's O(η) bias)."""
+    defaults (ε = 0.2 σ_L² ≈ 2e-5, K = 10), 1.8% at ε = 1e-4, 0.17% with K = 100, 0.015% with K = 1000 (the unadjusted algorithm's O(η) bias)."""
     proc = ve()
     ts = noise_levels(proc, 100)
     smp = sampler("sgld", clip_denoised=None)
     x = draw_exact(GAUSS, proc, smp, 10_000, 20)
-    mean, cov = sgld_law(GAUSS, proc, ts, step_sizes(proc, ts, 2e-5), 10, denoise=True)
+    mean, cov = sgld_law(GAUSS, proc, ts, step_sizes(proc, ts, None), 10, denoise=True)
     assert_matches_law(x, mean, cov)
     for epsilon, K, cov_error in ((2e-5, 10, 0.08), (1e-4, 10, 0.018), (1e-4, 100, 0.0018), (1e-4, 1000, 0.0002)):
         mean, cov = sgld_law(GAUSS, proc, ts, step_sizes(proc, ts, epsilon), K, denoise=True)
@@ -282,6 +283,18 @@ def test_sgld_on_ve_recovers_the_gaussian():
     smp = sampler("sgld", steps=50, epsilon=1e-4, steps_per_level=100, clip_denoised=None)
     x = draw_exact(GAUSS, ve(), smp, 4000, 21)
     assert_near_data(x, 0.004, 0.004)
+
+
+@pytest.mark.parametrize("name", ["edm", "rectified-flow"])
+def test_sgld_with_its_defaults_follows_its_exact_law_on_other_processes(name):
+    """sgld's defaults on edm (σ from 80 down to 0.002) and rectified flow (levels down to
+    σ̃ = 0.002): ε = 0.2 σ_L² keeps every step stable, and the samples follow the chain's
+    exact law (sgld_law, from the loop's prior N(0, (α² + σ²) I) at t_max)."""
+    proc = REGISTRY.build("schedule", name)
+    ts = noise_levels(proc, 100)
+    x = draw_exact(GAUSS, proc, sampler("sgld", clip_denoised=None), 4000, 27)
+    mean, cov = sgld_law(GAUSS, proc, ts, step_sizes(proc, ts, None), 10, denoise=True)
+    assert_matches_law(x, mean, cov)
 
 
 def test_sgld_on_the_table_is_the_same_in_the_core_loop():
