@@ -183,7 +183,8 @@ def test_grid_descends_to_the_clean_data(case, spacing, steps):
     assert ts.dtype == F64 and ts.numel() == steps + 1, (name, spacing)
     assert bool((ts[1:] < ts[:-1]).all()), (name, spacing, ts.tolist())
     assert float(ts[-1]) == p.t_clean
-    assert float(ts[0]) == pytest.approx(p.t_max), (name, spacing)
+    if not (p.discrete and spacing == "leading"):  # 0.1's leading spacing starts below T − 1 by design
+        assert float(ts[0]) == pytest.approx(p.t_max), (name, spacing)
 
 
 @SETTINGS
@@ -240,7 +241,9 @@ def test_q_sample_moments(case, seed):
 OBJECTIVES = ("epsilon", "x0", "v", "score", "flow", "edm")
 
 
-@pytest.mark.xfail(strict=True, reason="Schedule.q_sample indexes its ᾱ table with t, so a fractional float t raises IndexError")
+@pytest.mark.xfail(
+    strict=True, reason="Schedule.q_sample indexes its ᾱ table with t, so a fractional float t raises IndexError"
+)
 def test_table_q_sample_at_fractional_time_follows_the_process():
     p = diffkit.build("schedule", "linear", timesteps=1000)
     x0, eps = torch.ones(2, 2, dtype=F64), torch.ones(2, 2, dtype=F64)
@@ -271,4 +274,5 @@ def test_objective_round_trip(case, objective, seed, integral):
     a, s = p.alpha_sigma(tt.to(F64))
     da, ds = p.derivatives(tt.to(F64))
     torch.testing.assert_close(obj.to_score(out, x_t, tt, p), -eps / s[:, None], rtol=1e-7, atol=1e-7)
-    torch.testing.assert_close(obj.to_velocity(out, x_t, tt, p), da[:, None] * x0 + ds[:, None] * eps, rtol=1e-7, atol=1e-7)
+    velocity = da[:, None] * x0 + ds[:, None] * eps
+    torch.testing.assert_close(obj.to_velocity(out, x_t, tt, p), velocity, rtol=1e-7, atol=1e-7)

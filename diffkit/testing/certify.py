@@ -179,7 +179,9 @@ def _prior(process: Process, n: int, seed: int) -> Tensor:
     return torch.randn(n, 2, generator=g, dtype=F64) * process.prior_std()
 
 
-def _sample(sampler: Any, denoise: DenoiseFn, process: Process, x_start: Tensor, steps: int | None, seed: int) -> Tensor:
+def _sample(
+    sampler: Any, denoise: DenoiseFn, process: Process, x_start: Tensor, steps: int | None, seed: int
+) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return run(sampler, denoise, process, x_start.shape, steps=steps, generator=g, dtype=F64, x_start=x_start)
 
@@ -311,10 +313,12 @@ def certify_law(
     r_w = ((freq - w).abs() / (k * se_w + bias)).max()
     value = float(torch.stack([r_mean, r_cov, r_w]).max())
     detail = (
-        f"{steps} steps: |Δmean| {float((mean - g.mean).abs().max()):.3f}, |Δcov| {float((cov - g.cov).abs().max()):.3f},"
+        f"{steps} steps: |Δmean| {float((mean - g.mean).abs().max()):.3f},"
+        f" |Δcov| {float((cov - g.cov).abs().max()):.3f},"
         f" |Δw| {float((freq - w).abs().max()):.3f} (n={n})"
     )
-    return Row(name, pname, "law", value, f"≤ 1 ({k:g} SE + {bias:g})", bool(math.isfinite(value) and value <= 1.0), detail)
+    ok = bool(math.isfinite(value) and value <= 1.0)
+    return Row(name, pname, "law", value, f"≤ 1 ({k:g} SE + {bias:g})", ok, detail)
 
 
 def certify_invariance(
@@ -338,7 +342,8 @@ def certify_invariance(
     worst, worst_name, errors = 0.0, "", []
     for obj_name in objectives:
         try:
-            out = _sample(sampler, _objective_denoiser(_build_objective(obj_name), denoise, process), process, x, steps, seed + 1)
+            through = _objective_denoiser(_build_objective(obj_name), denoise, process)
+            out = _sample(sampler, through, process, x, steps, seed + 1)
             diff = float((out - base).abs().max()) / scale
             if not math.isfinite(diff):
                 diff = math.inf
