@@ -119,7 +119,8 @@ def _count(process: Process, levels: int | None) -> int:
     levels = int(levels)
     if process.discrete and not 1 <= levels <= int(process.t_max) + 1:
         raise ValueError(
-            f"the number of noise levels must be between 1 and the schedule's T = {int(process.t_max) + 1}, got {levels}"
+            "the number of noise levels must be between 1 and the schedule's T ="
+            f" {int(process.t_max) + 1}, got {levels}"
         )
     if levels < 1:
         raise ValueError(f"the number of noise levels must be at least 1, got {levels}")
@@ -178,7 +179,10 @@ class SGLDParams(Params):
         " most a table's T). With 'geometric' spacing on a table, levels that round to the same timestep are merged.",
     )
     steps_per_level: int = Field(
-        10, ge=1, le=100_000, description="Langevin steps K at each noise level (Song & Ermon 2019 use 100 with L = 10)."
+        10,
+        ge=1,
+        le=100_000,
+        description="Langevin steps K at each noise level (Song & Ermon 2019 use 100 with L = 10).",
     )
     epsilon: float | None = Field(
         None,

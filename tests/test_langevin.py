@@ -50,7 +50,8 @@ def ve(sigma_max: float = 10.0, sigma_min: float = 0.01):
 def draw_exact(oracle, process, smp, n, seed, **kwargs):
     """Samples of ``smp`` in the core's loop, driven by the exact (x̂_0, ε̂) of ``oracle`` under ``process``."""
     with torch.inference_mode():
-        return run(smp, oracle.denoiser(process), process, (n, 2), generator=torch.Generator().manual_seed(seed), **kwargs)
+        g = torch.Generator().manual_seed(seed)
+        return run(smp, oracle.denoiser(process), process, (n, 2), generator=g, **kwargs)
 
 
 def sampler(kind: str, **params):
@@ -264,7 +265,8 @@ def test_sgld_on_ve_follows_its_exact_law_and_converges_to_the_gaussian():
     Gaussian data every step is linear-Gaussian, sgld_law), and that law tends to N(μ, Σ) as
     the Langevin time per level grows. On ve the mean has no lag (the levels share the mean
     μ); the covariance lags where σ_i² falls below Σ's small eigenvalue 0.10: 7.9% at the
-    defaults (ε = 0.2 σ_L² ≈ 2e-5, K = 10), 1.8% at ε = 1e-4, 0.17% with K = 100, 0.015% with K = 1000 (the unadjusted algorithm's O(η) bias)."""
+    defaults (ε = 0.2 σ_L² ≈ 2e-5, K = 10), 1.8% at ε = 1e-4, 0.17% with K = 100, 0.015% with
+    K = 1000 (the unadjusted algorithm's O(η) bias)."""
     proc = ve()
     ts = noise_levels(proc, 100)
     smp = sampler("sgld", clip_denoised=None)
