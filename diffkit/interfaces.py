@@ -185,7 +185,9 @@ class Schedule(Process):
         return D.expand_like(table[t + 1], like)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x_t ~ q(x_t | x_0)  (Ho et al. 2020, Eq. 4)."""
+        """x_t ~ q(x_t | x_0)  (Ho et al. 2020, Eq. 4); at fractional t, the interpolated process's."""
+        if torch.as_tensor(t).is_floating_point():
+            return Process.q_sample(self, x0, t, noise)
         return D.q_sample(x0, self.alpha_bar(t, x0), noise)
 
     def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor | None = None) -> tuple[Tensor, Tensor]:

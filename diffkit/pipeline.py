@@ -182,7 +182,11 @@ class Pipeline:
             raise DiffkitError("the pipeline needs data (data=...) or the shape of one sample (shape=...)")
         ds = self.dataset
         return BuildContext(
-            sample_shape=tuple(ds.sample_shape), num_classes=ds.num_classes, seed=self.seed, data_kind=ds.kind
+            sample_shape=tuple(ds.sample_shape),
+            num_classes=ds.num_classes,
+            seed=self.seed,
+            data_kind=ds.kind,
+            data_diameter=data_diameter(ds),
         )
 
     def _build(self, kind: str, value: Any) -> Any:
@@ -393,6 +397,11 @@ class Pipeline:
         share of the data to report its accuracy as a function of t."""
         classifier = self.classifier
         assert classifier is not None
+        if not self.schedule.discrete:
+            raise DiffkitError(
+                "classifier guidance trains its classifier on a discrete table's integer timesteps, and this"
+                " model's process is continuous; use schedule linear or cosine, or classifier-free guidance"
+            )
         if not dataset.num_classes:
             raise DiffkitError("classifier guidance needs labelled data to train its classifier on; this data has no labels")
         overrides = dict(getattr(self.guidance, "classifier_training", None) or {})
@@ -769,6 +778,7 @@ class Pipeline:
                 "sample_shape": list(self.context.sample_shape),
                 "num_classes": self.context.num_classes,
                 "data_kind": self.context.data_kind,
+                "data_diameter": self.context.data_diameter,
                 "steps_trained": self.steps_trained,
                 "classifier": (
                     {"steps_trained": self.classifier_steps_trained, "accuracy_by_t": self.classifier_accuracy}
@@ -802,6 +812,7 @@ class Pipeline:
             num_classes=meta.get("num_classes"),
             seed=spec.seed,
             data_kind=meta.get("data_kind", "points"),
+            data_diameter=meta.get("data_diameter"),
         )
         pipe = cls._from_validated(spec, registry, context)
         tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE)
@@ -882,6 +893,30 @@ class Pipeline:
             f" objective={type(self.objective).__name__}, sampler={type(self.sampler).__name__},"
             f" sample_shape={self.context.sample_shape}, steps_trained={self.steps_trained})"
         )
+
+
+DIAMETER_SAMPLES = 2048
+
+
+def data_diameter(dataset: Dataset, limit: int = DIAMETER_SAMPLES) -> float | None:
+    """The largest distance between two training samples in model space (point data
+    standardised per coordinate, as the pipeline trains on it): what a ``ve`` process takes
+    as σ_max (Song & Ermon 2020, Technique 1). Computed on at most ``limit`` samples spread
+    evenly over the dataset; ``None`` for an empty one."""
+    n = len(dataset)
+    if n < 2:
+        return None
+    tensors = dataset.tensors()
+    idx = torch.linspace(0, n - 1, min(n, limit)).round().long()
+    if tensors is not None:
+        x = tensors[0].double()
+        if dataset.kind == "points":
+            x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+        x = x[idx]
+    else:
+        x = torch.stack([dataset[int(i)][0] for i in idx]).double()
+    flat = x.reshape(x.shape[0], -1)
+    return float(torch.cdist(flat, flat).max())
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:

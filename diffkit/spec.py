@@ -530,8 +530,11 @@ def validate_spec(
                 problems += [(f"{path}.{field}", msg) for field, msg in check_in(section_model)]
         # The schedule is cheap to build; building it catches parameters that validate one
         # by one but give no valid ᾱ (e.g. ᾱ underflowing to 0).
+        # The data is not loaded while validating: a stand-in for its diameter lets a process
+        # that derives a parameter from the data (ve's sigma_max: null) build.
         try:
-            T: int | None = registry.build("schedule", spec.schedule).T
+            process = registry.build("schedule", spec.schedule, BuildContext(data_diameter=VALIDATION_DIAMETER))
+            T: int | None = process.T if getattr(process, "discrete", False) else None
         except SpecError as exc:
             problems.append(("schedule", f"these parameters give no valid schedule: {exc.problems[0][1]}"))
             T = None
@@ -549,6 +552,8 @@ def validate_spec(
         raise SpecError(problems, source)
     return spec
 
+
+VALIDATION_DIAMETER = 10.0
 
 # The registry a spec is being validated against (or a pipeline built against), so that
 # component checks calling data_shape() and factories building nested sections look

@@ -31,7 +31,8 @@ class _FewStepParams(Params):
     spacing: Grid | None = Field(
         None,
         description="The grid of noise levels; null takes 'trailing' on a discrete table (it starts at T−1 and spends"
-        " every step on noise it can remove, Lin et al. 2024) and the process's own default otherwise. 'linspace'"
+        " every step on noise it can remove, Lin et al. 2024) and otherwise the process's own default for ddim and"
+        " 'logsnr' for dpm-solver. 'linspace'"
         " ends on t = 0, a nearly clean step; 'quadratic' (Song et al. 2021), 'logsnr' (Lu et al. 2022) and"
         " 'karras' (Karras et al. 2022) crowd the steps towards the clean end, where sharp data needs them.",
     )
@@ -74,8 +75,10 @@ class DPMSolverParams(_FewStepParams):
 
 
 class _FewStep(StepSamplerBase):
+    continuous_grid: Grid | None = None  # None: the process's own default
+
     def levels(self, process: Process, steps: int, start: float | None = None) -> Tensor:
-        spacing = self.params.spacing or ("trailing" if process.discrete else None)
+        spacing = self.params.spacing or ("trailing" if process.discrete else self.continuous_grid)
         return process.grid(steps, spacing, start=start)
 
 
@@ -121,6 +124,7 @@ class DPMSolver(_FewStep):
 
     name = "dpm-solver"
     default_steps = DPM_SOLVER_DEFAULT_STEPS
+    continuous_grid = "logsnr"  # its steps are uniform in λ (Lu et al. 2022, Sec. 3.3)
 
     def step(self, x: Tensor, ctx: StepContext) -> Tensor:
         p = self.params

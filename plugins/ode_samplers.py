@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from diffkit import BuildContext, Component, Params, hookimpl
-from diffkit.process import Grid, Process
+from diffkit.process import CLEAN_END_SIGMA_TILDE, Grid, Process
 from diffkit.sampling import StepContext, StepSamplerBase, clip_field, spacing_field, steps_field
 
 Positive = Annotated[float, Field(gt=0)]
@@ -182,12 +182,12 @@ class ODE(StepSamplerBase):
     def levels(self, process: Process, steps: int, start: float | None = None) -> Tensor:
         hi = process.t_max if start is None else float(start)
         lo = min(process.t_min, hi)
-        if lo == process.t_clean:  # the ODE reaches the clean data itself (rectified flow)
-            return torch.tensor([hi, lo], dtype=torch.float64)
+        if lo == process.t_clean:  # σ(t_min) = 0 (rectified flow): stop where ε̂ is still defined
+            lo = float(process.t_of_sigma_tilde(torch.tensor(CLEAN_END_SIGMA_TILDE, dtype=torch.float64)))
         return torch.tensor([hi, lo, process.t_clean], dtype=torch.float64)
 
     def step(self, x: Tensor, ctx: StepContext) -> Tensor:
-        if ctx.last and ctx.t == ctx.process.t_min:  # the jump from t_min to the clean data
+        if ctx.last:  # the jump from t_min to the clean data
             return ctx.denoise(x).x0
         from torchdiffeq import odeint
 

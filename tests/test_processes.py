@@ -241,9 +241,6 @@ def test_q_sample_moments(case, seed):
 OBJECTIVES = ("epsilon", "x0", "v", "score", "flow", "edm")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Schedule.q_sample indexes its ᾱ table with t, so a fractional float t raises IndexError"
-)
 def test_table_q_sample_at_fractional_time_follows_the_process():
     p = diffkit.build("schedule", "linear", timesteps=1000)
     x0, eps = torch.ones(2, 2, dtype=F64), torch.ones(2, 2, dtype=F64)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from diffkit.interfaces import TIMESTEP_SPACINGS, BuildContext, Schedule
+from diffkit.process import GRIDS, Process
 from diffkit.registry import Registry
 from diffkit.testing._common import Subject, max_abs, resolve
 
@@ -47,13 +48,16 @@ def check_schedule(
     - ``timesteps(steps, spacing)`` gives ``steps`` strictly decreasing timesteps in
       [0, T − 1] for every spacing.
     """
-    subject = resolve("schedule", schedule, params, registry, BuildContext())
+    subject = resolve("schedule", schedule, params, registry, BuildContext(data_diameter=10.0))
     sch = subject.obj
     subject.expect(
-        isinstance(sch, Schedule),
-        f"a schedule must be a diffkit.Schedule (build it with Schedule(alphas_cumprod) or"
-        f" Schedule.from_betas(betas)), got {type(sch).__name__}",
+        isinstance(sch, Process),
+        f"a schedule must be a diffkit.Process (a continuous process) or a diffkit.Schedule (a discrete table:"
+        f" Schedule(alphas_cumprod) or Schedule.from_betas(betas)), got {type(sch).__name__}",
     )
+    if not isinstance(sch, Schedule):
+        _check_process(subject, sch, torch.Generator().manual_seed(seed))
+        return
     abar = _check_alpha_bar(subject, sch)
     _check_derived(subject, sch, abar)
     _check_composition(subject, sch, abar)
@@ -61,6 +65,48 @@ def check_schedule(
     _check_q_sample(subject, sch, abar, gen)
     _check_posterior(subject, sch, abar, gen)
     _check_timesteps(subject, sch)
+
+
+def _check_process(subject: Subject, proc: Process, gen: torch.Generator) -> None:
+    """A continuous process: α, σ finite and positive on [t_min, t_max] (σ = 0, α = 1 at
+    t_clean); λ strictly decreasing; σ̃ ↔ t inverse; α', σ' equal central differences;
+    g² ≥ 0; q_sample's moments; every grid strictly decreasing and ending at t_clean."""
+    lo, hi = float(proc.t_min), float(proc.t_max)
+    subject.expect(lo < hi, f"t_min ({lo}) must lie below t_max ({hi})")
+    t = torch.linspace(lo, hi, 257, dtype=F64)
+    a, s = proc.alpha_sigma(t)
+    subject.expect(
+        bool(torch.isfinite(a).all() & torch.isfinite(s).all() & (a > 0).all() & (s > 0).all()),
+        "α(t) and σ(t) must be finite and positive on [t_min, t_max]",
+    )
+    a0, s0 = proc.alpha_sigma(torch.tensor(float(proc.t_clean), dtype=F64))
+    subject.expect(abs(float(a0) - 1) < 1e-12 and float(s0) == 0.0, f"at t_clean = {proc.t_clean} α must be 1 and σ 0")
+    lam = proc.log_snr(t)
+    subject.expect(bool((lam[1:] < lam[:-1]).all()), "λ(t) = log α²/σ² must be strictly decreasing in t")
+    back = proc.t_of_sigma_tilde(s / a)
+    err = max_abs(back, t) / max(1.0, hi - lo)
+    subject.expect(err < 1e-6, f"t_of_sigma_tilde must invert σ̃(t) = σ/α; off by {err:.3g} (relative to the range)")
+    inner = t[1:-1]
+    h = 1e-6 * max(1.0, hi - lo)
+    da, ds = proc.derivatives(inner)
+    (a1, s1), (a2, s2) = proc.alpha_sigma(inner + h), proc.alpha_sigma(inner - h)
+    for name, d, fd in (("α'", da, (a1 - a2) / (2 * h)), ("σ'", ds, (s1 - s2) / (2 * h))):
+        scale = max(1.0, float(fd.abs().max()))
+        subject.expect(max_abs(d, fd) / scale < 1e-4, f"derivatives(): {name} differs from a central difference")
+    _, g2 = proc.drift_diffusion(inner)
+    subject.expect(bool((g2 >= -1e-9).all()), "the forward SDE's g² = 2σσ' − 2(α'/α)σ² must be non-negative")
+    x0 = torch.randn(20_000, 2, generator=gen, dtype=F64) * 0.5 + 1.0
+    eps = torch.randn(x0.shape, generator=gen, dtype=F64)
+    tm = torch.full((x0.shape[0],), 0.5 * (lo + hi), dtype=F64)
+    am, sm = (float(v) for v in proc.alpha_sigma(tm[:1]))
+    xt = proc.q_sample(x0, tm, eps)
+    subject.expect(torch.allclose(xt, am * x0 + sm * eps, rtol=1e-9, atol=1e-9), "q_sample must give α x_0 + σ ε")
+    for spacing in GRIDS:
+        g = proc.grid(7, spacing)
+        subject.expect(
+            bool((g[1:] < g[:-1]).all()) and float(g[-1]) == float(proc.t_clean) and abs(float(g[0]) - hi) < 1e-9,
+            f"grid(7, {spacing!r}) must descend strictly from t_max to t_clean, got {g.tolist()}",
+        )
 
 
 def _check_alpha_bar(subject: Subject, sch: Schedule) -> Tensor:
