@@ -59,7 +59,11 @@ def _abar_ext(schedule: Schedule) -> Tensor:
 def process_coefficients(process: Process, t: Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """α(t), σ(t) of ``process`` as float64 ``[batch, 1]`` on ``device``."""
     tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
-    a, s = process.alpha_sigma(tt.expand(batch) if tt.numel() == 1 else tt)
+    if tt.numel() == 1 or bool((tt == tt[0]).all()):  # one time for the batch: evaluate once
+        a, s = process.alpha_sigma(tt[:1])
+        a, s = a.expand(batch), s.expand(batch)
+    else:
+        a, s = process.alpha_sigma(tt)
     return a.to(device).reshape(batch, 1), s.to(device).reshape(batch, 1)
 
 
