@@ -30,6 +30,7 @@ from diffkit.errors import DiffkitError
 
 __all__ = [
     "atomic_write",
+    "remove_stale_tmp",
     "write_text",
     "write_json",
     "save_tensors",
@@ -43,19 +44,60 @@ __all__ = [
 CHECKPOINT_FORMAT = "diffkit-train-checkpoint-1"
 
 
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+"""The temporary files :func:`atomic_write` writes beside a file: ``.NAME.PID.RANDOM.tmp``."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: str | Path, name: str | None = None) -> None:
+    """Delete the temporary files in ``directory`` (those of ``name`` only, if given) that
+    :func:`atomic_write` left when its process was killed (their process no longer runs)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        m = TMP_NAME.match(entry.name)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            entry.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it
-    over ``path``: readers see the old file or the new one, never half of one."""
+    over ``path``: readers see the old file or the new one, never half of one. The file
+    gets the permissions the umask gives a new file, and an error names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(path.parent, path.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DiffkitError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is 0600; a file written in place would follow the umask
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DiffkitError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -227,11 +269,9 @@ class CheckpointDir:
         if not self.directory.is_dir():
             return
         for entry in self.directory.iterdir():
-            if _NAME.match(entry.name) or (entry.name.startswith(".step-") and entry.name.endswith(".tmp")):
+            if _NAME.match(entry.name) or (entry.name.startswith(".step-") and TMP_NAME.match(entry.name)):
                 entry.unlink(missing_ok=True)
 
     def remove_leftovers(self) -> None:
         """Delete the temporary files of writes a crash interrupted."""
-        if self.directory.is_dir():
-            for entry in self.directory.glob(".step-*.tmp"):
-                entry.unlink(missing_ok=True)
+        remove_stale_tmp(self.directory)

@@ -223,41 +223,37 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffkit import distributed, plotting
-    from diffkit.checkpoint import CheckpointDir
-    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, Pipeline, clear_training_outputs
+    from diffkit import distributed, rundir
+    from diffkit.pipeline import Pipeline
 
     registry = load_registry(args)
     out = Path(args.out)
     writer = distributed.env_rank() == 0  # under torchrun, rank 0 alone writes
-    if out.exists() and not out.is_dir():
-        raise DiffkitError(f"--out {out} exists and is not a directory")
-    if args.resume and args.force:
-        raise DiffkitError("--resume continues the run in --out and --force starts it over; pass one of them")
     if args.allow_spec_change and not args.resume:
         raise DiffkitError("--allow-spec-change goes with --resume")
-    if (out / SPEC_FILE).exists() and not (args.force or args.resume):
-        raise DiffkitError(
-            f"{out} already holds a finished run; choose another --out, pass --force to overwrite it, or --resume"
-            " with more --steps to train it further"
-        )
-    checkpoints = CheckpointDir(out / CHECKPOINTS_DIR, keep=1)
-    if args.resume and (out / SPEC_FILE).exists() and not checkpoints.exists():
-        raise DiffkitError(f"{out} holds a finished run without checkpoints to resume from; pass --force to train it anew")
-    if checkpoints.exists() and not (args.force or args.resume):
-        raise DiffkitError(
-            f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --force to start over"
-        )
+    rundir.check_train_out(out, force=args.force, resume=args.resume)
     pipe = Pipeline.from_spec(args.spec, registry)
     overrides: dict[str, Any] = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.device is not None:
         overrides["device"] = args.device
-    overrides = _validated_overrides(overrides)  # before anything in --out is deleted
-    if writer and not args.resume:
-        out.mkdir(parents=True, exist_ok=True)
-        clear_training_outputs(out)
+    overrides = _validated_overrides(overrides)
+    if not writer:
+        return _train(pipe, out, args, overrides, writer)
+    pipe.check_training(**overrides)  # device, logging extras, data: before anything in --out changes
+    with rundir.lock(out, say=lambda msg: print(f"diffkit: {msg}", file=sys.stderr)) as held:
+        if args.force:
+            moved = held.move_aside()
+            if moved is not None:
+                print(f"diffkit: moved the earlier contents of {out} to {moved}", file=sys.stderr)
+        return _train(pipe, out, args, overrides, writer)
+
+
+def _train(pipe: Any, out: Path, args: argparse.Namespace, overrides: dict[str, Any], writer: bool) -> int:
+    from diffkit import distributed, plotting
+    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE
+
     try:
         result = pipe.fit(
             out=out,

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 import diffkit
-from diffkit import checkpoint, distributed
+from diffkit import checkpoint, distributed, rundir
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
@@ -60,6 +60,7 @@ from diffkit.train import (
     train,
     train_classifier,
 )
+from diffkit.train import _autocast, _summary_writer_class
 
 __all__ = ["Pipeline"]
 
@@ -79,17 +80,10 @@ FIXED_ON_RESUME = ("seed", "data", "schedule", "denoiser", "objective", "train.b
 """Spec entries a resumed run may never change: they fix what the checkpoint's weights,
 data position and running loss mean. Others (more steps, another lr, ...) may change
 when the caller allows it."""
+REFERENCE_POINTS = 5000
+"""Training points a run saves to draw beside its samples (point data), so that sampling never reads the data."""
 HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
-
-
-def clear_training_outputs(out: str | Path) -> None:
-    """Delete what an earlier training run left in the run directory ``out`` that a new run
-    must not append to or resume from — its ``metrics.jsonl`` and its checkpoints — so that
-    ``fit(out=out)`` starts over there (what ``diffkit train --force`` does)."""
-    out = Path(out)
-    (out / METRICS_FILE).unlink(missing_ok=True)
-    CheckpointDir(out / CHECKPOINTS_DIR, keep=1).clear()
 
 
 def _as_config(value: Config) -> dict[str, Any]:
@@ -131,6 +125,8 @@ class Pipeline:
         self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(train or {})
         self._dataset: Dataset | None = None
         self._data_config: dict[str, Any] | None = None
+        self._run_dir: Path | None = None  # set by load(): reading a run builds no data unless asked
+        self._reference: tuple[Tensor, Tensor] | None = None  # training points shown beside samples
         if isinstance(data, Dataset):
             self._dataset = data
         elif data is not None:
@@ -205,8 +201,32 @@ class Pipeline:
             if self._data_config is None:
                 raise DiffkitError("this pipeline has no data; pass data=... to Pipeline or to fit()")
             ctx = BuildContext(seed=self.seed)
-            self._dataset = self.registry.build("data", self._data_config, ctx)
+            self._dataset = self.registry.build("data", self.reading_section(self._data_config), ctx)
         return self._dataset
+
+    def reading_section(self, section: dict[str, Any]) -> dict[str, Any]:
+        """A data ``section`` as a loaded run reads it: never downloading (a run's data
+        is read where it lies, and nothing is written outside the run directory)."""
+        if self._run_dir is None or not section.get("download", True):
+            return section
+        try:
+            fields = self.registry.get("data", section["type"]).component.params.model_fields
+        except (DiffkitError, KeyError, AttributeError):
+            return section
+        return {**section, "download": False} if "download" in fields else section
+
+    def reference_data(self) -> tuple[Tensor, Tensor] | None:
+        """Training points (and labels) to draw beside samples: saved in a loaded run, else
+        from the data; ``None`` for images, or where there are none."""
+        if self.context.data_kind != "points":
+            return None
+        if self._reference is not None or self._run_dir is not None:
+            return self._reference
+        try:
+            tensors = self.dataset.tensors()
+        except DiffkitError:
+            return None
+        return None if tensors is None else (tensors[0][:REFERENCE_POINTS], tensors[1][:REFERENCE_POINTS])
 
     @property
     def spec(self) -> Spec:
@@ -254,8 +274,19 @@ class Pipeline:
         ending exactly where an uninterrupted run would; the spec must be the
         checkpoint's, or differ only outside :data:`FIXED_ON_RESUME` with
         ``allow_spec_change=True``. Under ``torchrun`` each process trains on its shard of
-        the data and only rank 0 writes.
+        the data and only rank 0 writes. While it trains, ``out`` is locked
+        (``out/.diffkit.lock``): a second trainer of the same directory is refused.
         """
+        if out is None or distributed.env_rank() != 0:
+            return self._fit(data, out=out, progress=progress, resume=resume, allow_spec_change=allow_spec_change, **overrides)
+        with rundir.lock(out, say=lambda msg: print(f"diffkit: {msg}", file=sys.stderr)):
+            return self._fit(data, out=out, progress=progress, resume=resume, allow_spec_change=allow_spec_change, **overrides)
+
+    def check_training(self, data: Dataset | None = None, **overrides: Any) -> tuple[TrainConfig, Dataset]:
+        """Everything :meth:`fit` needs, checked before it writes anything (what ``diffkit
+        train --force`` checks before it moves an old run aside): the settings with
+        ``overrides``, the device, the precision, the logging extras and the data (read
+        here, and checked against the denoiser). Returns the settings and the data."""
         config = TrainConfig.model_validate({**self.train_config.model_dump(), **overrides})
         dataset = data if data is not None else self.dataset
         if tuple(dataset.sample_shape) != self.context.sample_shape:
@@ -263,11 +294,12 @@ class Pipeline:
                 f"the data's samples have shape {tuple(dataset.sample_shape)} but the pipeline was built for"
                 f" {self.context.sample_shape}"
             )
-        if resume and out is None:
-            raise DiffkitError("resume=True continues the run in a directory: give it as out=")
-        dist = distributed.setup(resolve_device(config.device))
-        device = dist.device
-        self._fit_normalizer(dataset)
+        device = resolve_device(config.device)
+        _autocast(config.precision, device)
+        if config.log == "tensorboard":
+            _summary_writer_class()
+        if config.batch_size > len(dataset):
+            raise DiffkitError(f"train.batch_size ({config.batch_size}) exceeds the dataset's {len(dataset)} examples; lower it")
         classes = getattr(self.denoiser, "num_classes", None)
         if classes and not dataset.num_classes:
             raise DiffkitError(
@@ -279,6 +311,25 @@ class Pipeline:
                 f"the data has {dataset.num_classes} classes but denoiser.num_classes is {classes}; set it to"
                 f" {dataset.num_classes}"
             )
+        return config, dataset
+
+    def _fit(
+        self,
+        data: Dataset | None,
+        *,
+        out: str | Path | None,
+        progress: bool,
+        resume: bool,
+        allow_spec_change: bool,
+        **overrides: Any,
+    ) -> TrainResult:
+        config, dataset = self.check_training(data, **overrides)
+        if resume and out is None:
+            raise DiffkitError("resume=True continues the run in a directory: give it as out=")
+        dist = distributed.setup(resolve_device(config.device))
+        device = dist.device
+        self._fit_normalizer(dataset)
+        classes = getattr(self.denoiser, "num_classes", None)
         outputs, found = (None, None) if out is None else self._outputs(Path(out), config, dist, resume, allow_spec_change)
         if found is not None and "data.mean" in found.tensors:
             self.data_mean, self.data_std = found.tensors["data.mean"], found.tensors["data.std"]
@@ -335,10 +386,14 @@ class Pipeline:
                     f"resume=True continues a run from its checkpoints, so it needs a pipeline fresh from its spec;"
                     f" this one has trained {self.steps_trained} steps already"
                 )
-            found = checkpoints.latest(say)
+            damaged: list[str] = []
+            found = checkpoints.latest(lambda msg: damaged.append(msg.removesuffix("; trying the one before")))
             if found is None:
-                what = "no checkpoint there reads back whole" if checkpoints.exists() else "it holds no checkpoint"
-                say(f"nothing to resume in {checkpoints.directory}: {what}; training from step 0")
+                what = f"every checkpoint is damaged ({'; '.join(damaged)})" if damaged else "it holds no checkpoint"
+                raise DiffkitError(
+                    f"nothing to resume in {checkpoints.directory}: {what}. Nothing was changed; to train this run"
+                    " anew, pass --force (diffkit train), which moves the old run aside"
+                )
             else:
                 _check_resumable(found, spec, dist, allow_spec_change, config.steps)
                 say(f"resuming from {found.name} in {checkpoints.directory}")
@@ -355,8 +410,6 @@ class Pipeline:
             checkpoints.remove_leftovers()
             tensorboard = out / TENSORBOARD_DIR if config.log == "tensorboard" else None
             outputs.metrics = MetricsLog(out / METRICS_FILE, tensorboard)
-            if resume and found is None:  # training from step 0: earlier rows belong to a run that is gone
-                outputs.metrics.rewind(0)
             if config.sample_every and config.preview:
                 outputs.on_sample = self._sample_pictures(out / SAMPLES_DIR, config.preview)
         return outputs, found
@@ -653,6 +706,9 @@ class Pipeline:
             tensors.update({f"online.{k}": v for k, v in self._online.state_dict().items()})
         if self.data_mean is not None and self.data_std is not None:
             tensors["data.mean"], tensors["data.std"] = self.data_mean, self.data_std
+        reference = self.reference_data()
+        if reference is not None:
+            tensors["data.reference"], tensors["data.reference_labels"] = reference
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
         classifier = self.classifier
@@ -705,6 +761,7 @@ class Pipeline:
             data_kind=meta.get("data_kind", "points"),
         )
         pipe = cls._from_validated(spec, registry, context)
+        pipe._run_dir = directory
         tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE)
         pipe._load_state(tensors, directory)
         pipe.steps_trained = int(meta.get("steps_trained", 0))
@@ -729,6 +786,8 @@ class Pipeline:
                 f"the weights in {directory / WEIGHTS_FILE} do not fit the denoiser its spec describes ({first})"
             ) from None
         self.data_mean, self.data_std = tensors.get("data.mean"), tensors.get("data.std")
+        if "data.reference" in tensors and "data.reference_labels" in tensors:
+            self._reference = (tensors["data.reference"], tensors["data.reference_labels"])
         self.denoiser.eval()
 
     def _load_classifier(self, directory: Path, meta: Mapping[str, Any]) -> None:
@@ -755,13 +814,8 @@ class Pipeline:
 
         if self.context.data_kind == "images":
             return plotting.image_grid(samples, path)
-        reference = None
-        try:
-            data = self.dataset.tensors()
-            if data is not None:
-                reference = data[0][: samples.shape[0]]
-        except DiffkitError:
-            pass
+        data = self.reference_data()
+        reference = data[0][: samples.shape[0]] if data is not None else None
         if title is None:
             name = (self._data_config or {}).get("type", "data")
             title = f"{name}: {type(self.sampler).__name__} samples"
