@@ -387,14 +387,17 @@ class Pipeline:
                     f" this one has trained {self.steps_trained} steps already"
                 )
             damaged: list[str] = []
-            found = checkpoints.latest(lambda msg: damaged.append(msg.removesuffix("; trying the one before")))
+            found = checkpoints.latest(damaged.append)
             if found is None:
+                damaged = [msg.removesuffix("; trying the one before") for msg in damaged]
                 what = f"every checkpoint is damaged ({'; '.join(damaged)})" if damaged else "it holds no checkpoint"
                 raise DiffkitError(
                     f"nothing to resume in {checkpoints.directory}: {what}. Nothing was changed; to train this run"
                     " anew, pass --force (diffkit train), which moves the old run aside"
                 )
             else:
+                for msg in damaged:
+                    say(msg)
                 _check_resumable(found, spec, dist, allow_spec_change, config.steps)
                 say(f"resuming from {found.name} in {checkpoints.directory}")
         elif dist.is_writer and self.steps_trained == 0 and checkpoints.exists():
