@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override train.device")
-    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out, or start an unfinished one over")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in --out: after checking the spec, device and data, move what it holds aside to the sibling"
+        " DIR.old-<time> (nothing is deleted)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -411,11 +416,7 @@ def _write_labelled_picture(pipe: Any, samples: Any, labels: list[int], per_labe
         return
     import matplotlib.pyplot as plt
 
-    reference = None
-    try:
-        reference = pipe.dataset.tensors()
-    except DiffkitError:
-        pass
+    reference = pipe.reference_data()  # saved in the run: sampling reads no data
     panels = ([("data", reference[0][:5000], reference[1][:5000])] if reference is not None else []) + [
         ("samples", samples, _repeat_labels(labels, per_label))
     ]

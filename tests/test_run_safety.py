@@ -316,3 +316,21 @@ def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
         checkpoint.atomic_write(target, full)
     assert str(caught.value) == f"cannot write {target}: No space left on device"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_points_by_label_reads_no_data(capsys, tmp_path, monkeypatch):
+    spec = write_spec(
+        tmp_path / "cond.yaml",
+        data={"type": "gaussians", "components": 2, "radius": 5.0, "std": 0.1, "n": 512},
+        denoiser={"type": "mlp", "hidden": 32, "depth": 1, "num_classes": 2},
+    )
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", spec, "--out", out, "--no-progress")
+    assert code == 0, err
+    built: list[object] = []
+    monkeypatch.setattr(Pipeline, "dataset", property(lambda self: built.append(self) or pytest.fail("data built")))
+    before = tree(out)
+    code, _, err = run(capsys, "sample", out, "--n", 8, "--label", "0,1", "--out", tmp_path / "s.png", "--no-progress")
+    assert code == 0, err
+    assert built == [] and tree(out) == before
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
