@@ -236,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     writer = distributed.env_rank() == 0  # under torchrun, rank 0 alone writes
     if args.allow_spec_change and not args.resume:
         raise DiffkitError("--allow-spec-change goes with --resume")
-    rundir.check_train_out(out, force=args.force, resume=args.resume)
+    if writer:  # the other processes of a torchrun job leave --out to rank 0
+        rundir.check_train_out(out, force=args.force, resume=args.resume)
     pipe = Pipeline.from_spec(args.spec, registry)
     overrides: dict[str, Any] = {}
     if args.steps is not None:

@@ -71,6 +71,7 @@ def is_run(out: str | Path) -> bool:
 def aside_name(out: Path) -> Path:
     """The sibling ``--force`` moves an old run to: ``DIR.old-<time>`` (``-2``, ``-3``, …
     where that is taken)."""
+    out = out.resolve()
     stem = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     dest, k = stem, 1
     while dest.exists():
@@ -109,6 +110,13 @@ def check_train_out(out: str | Path, *, force: bool = False, resume: bool = Fals
                 f" (the old run is moved aside to {out.name}.old-<time>)"
             )
         return
+    if force and entries:
+        here, target = Path.cwd().resolve(), out.resolve()
+        if here == target or target in here.parents:
+            raise DiffkitError(
+                f"--force moves {out} aside, but it holds the current directory; run from outside it or choose"
+                " another --out"
+            )
     if force or not entries:
         return
     aside = f"--force to move it aside (to the sibling {out.name}.old-<time>) and start over"

@@ -334,3 +334,11 @@ def test_sampling_points_by_label_reads_no_data(capsys, tmp_path, monkeypatch):
     assert code == 0, err
     assert built == [] and tree(out) == before
     assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_force_refuses_to_move_the_current_directory_aside(capsys, spec, finished, monkeypatch):
+    monkeypatch.chdir(finished / "checkpoints")
+    before = tree(finished)
+    code, _, err = run(capsys, "train", spec, "--out", "..", "--no-progress", "--force")
+    one_line_error(code, err, "holds the current directory")
+    assert tree(finished) == before
