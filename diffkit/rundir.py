@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from diffkit.checkpoint import CHECKPOINT_FORMAT, TMP_NAME, remove_stale_tmp
+from diffkit.checkpoint import CHECKPOINT_FORMAT, remove_stale_tmp
 
 __all__ = ["LOCK_FILE", "check_train_out", "check_unlocked", "is_run", "lock", "RunLock"]
 
@@ -38,10 +38,10 @@ Say = Callable[[str], None]
 
 
 def _entries(out: Path) -> list[str]:
-    """What ``out`` holds, less the lock and the temporary files of diffkit's own writes."""
+    """What ``out`` holds, less the lock."""
     if not out.is_dir():
         return []
-    return sorted(e.name for e in out.iterdir() if e.name != LOCK_FILE and not TMP_NAME.match(e.name))
+    return sorted(e.name for e in out.iterdir() if e.name != LOCK_FILE)
 
 
 def _read_json(path: Path) -> Any:
@@ -203,8 +203,9 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(record) + "\n").encode())
         self._fd = fd
-        remove_stale_tmp(self.out)
-        remove_stale_tmp(self.out / CHECKPOINTS_DIR)
+        if is_run(self.out):  # only a run's: a file of the user's named alike is theirs
+            remove_stale_tmp(self.out)
+            remove_stale_tmp(self.out / CHECKPOINTS_DIR)
 
     def release(self) -> None:
         if self._fd is None:

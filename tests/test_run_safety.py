@@ -156,6 +156,7 @@ def test_force_moves_a_directory_of_the_users_files_aside_too(capsys, spec, tmp_
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "metrics.jsonl").write_text("mine\n")
+    (mine / f".notes.{2**22 + 12345}.x.tmp").write_text("mine, named like a temporary file of diffkit's\n")
     before = tree(mine)
     code, _, err = run(capsys, "train", spec, "--out", mine, "--no-progress", "--force")
     assert code == 0, err
@@ -186,7 +187,7 @@ def test_resume_on_a_directory_that_is_not_a_run_deletes_nothing(capsys, spec, t
     (mine / "checkpoints").mkdir(parents=True)
     (mine / "checkpoints" / "step-00000009.json").write_text("my own notes\n")
     (mine / "checkpoints" / "step-00000009.safetensors").write_text("my own data\n")
-    (mine / "checkpoints" / ".step-00000001.safetensors.1.x.tmp").write_text("mine too\n")
+    (mine / "checkpoints" / f".step-00000001.safetensors.{2**22 + 12345}.x.tmp").write_text("mine too\n")  # named like ours
     before = tree(mine)
     code, _, err = run(capsys, "train", spec, "--out", mine, "--no-progress", "--resume")
     one_line_error(code, err, f"{mine} is not a diffkit run", "nothing was changed")
