@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -25,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from diffkit.checkpoint import CHECKPOINT_FORMAT, remove_stale_tmp
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock file still names the trainer, but nothing is refused
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_FILE", "check_train_out", "check_unlocked", "is_run", "lock", "RunLock"]
 
@@ -157,7 +161,8 @@ def check_unlocked(out: str | Path) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise DiffkitError(_busy_message(Path(out), _read_json(path))) from None
     finally:
@@ -183,7 +188,8 @@ class RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 info = _read_json(self.path)
                 os.close(fd)
