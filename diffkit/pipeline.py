@@ -86,6 +86,16 @@ HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
 
 
+def clear_training_outputs(out: str | Path) -> None:
+    """Delete what an earlier training run left in the run directory ``out`` that a new run
+    must not append to or resume from — its ``metrics.jsonl`` and its checkpoints — so that
+    ``fit(out=out)`` starts over there. (``diffkit train --force`` deletes nothing: it moves
+    the old run aside.)"""
+    out = Path(out)
+    (out / METRICS_FILE).unlink(missing_ok=True)
+    CheckpointDir(out / CHECKPOINTS_DIR, keep=1).clear()
+
+
 def _as_config(value: Config) -> dict[str, Any]:
     if isinstance(value, str):
         return {"type": value}
