@@ -457,14 +457,17 @@ def cmd_forward(args: argparse.Namespace) -> int:
     registry = load_registry(args)
     source = Path(args.source)
     pipe = Pipeline.load(source, registry) if source.is_dir() else Pipeline.from_spec(source, registry)
-    data = pipe.dataset
+    # a run keeps examples of its data, so drawing from it reads no data (only older runs, saved without, do)
+    kept = pipe.reference_data() if source.is_dir() else None
+    data = pipe.dataset if kept is None else None
+    size = len(kept[0]) if kept is not None else len(data)
     g = torch.Generator().manual_seed(args.seed)
     if pipe.context.data_kind == "points":
-        n = min(max(args.n, 2000), len(data))  # a scatter needs many points
+        n = min(max(args.n, 2000), size)  # a scatter needs many points
     else:
-        n = min(args.n, len(data))
-    idx = torch.randperm(len(data), generator=g)[:n].tolist()
-    x0 = torch.stack([data[i][0] for i in idx])
+        n = min(args.n, size)
+    idx = torch.randperm(size, generator=g)[:n].tolist()
+    x0 = kept[0][idx] if kept is not None else torch.stack([data[i][0] for i in idx])
     T = pipe.schedule.T
     ts = sorted({round(v) for v in torch.linspace(0, T - 1, args.frames).tolist()})
     states = pipe.forward_process(x0, ts, seed=args.seed)

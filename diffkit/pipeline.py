@@ -81,7 +81,9 @@ FIXED_ON_RESUME = ("seed", "data", "schedule", "denoiser", "objective", "train.b
 data position and running loss mean. Others (more steps, another lr, ...) may change
 when the caller allows it."""
 REFERENCE_POINTS = 5000
-"""Training points a run saves to draw beside its samples (point data), so that sampling never reads the data."""
+"""Training points a run saves to draw beside its samples, so that sampling never reads the data."""
+REFERENCE_IMAGES = 64
+"""Training images a run saves for ``diffkit forward`` to noise, so that it never reads the data."""
 HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
 
@@ -226,17 +228,22 @@ class Pipeline:
         return {**section, "download": False} if "download" in fields else section
 
     def reference_data(self) -> tuple[Tensor, Tensor] | None:
-        """Training points (and labels) to draw beside samples: saved in a loaded run, else
-        from the data; ``None`` for images, or where there are none."""
-        if self.context.data_kind != "points":
-            return None
+        """Training examples and labels that a run keeps so that reading it needs no data:
+        up to :data:`REFERENCE_POINTS` points (drawn beside samples) or
+        :data:`REFERENCE_IMAGES` images (what ``diffkit forward`` noises). A loaded run's
+        saved ones (``None`` for a run saved without them); else the data's first ones."""
         if self._reference is not None or self._run_dir is not None:
             return self._reference
+        k = REFERENCE_POINTS if self.context.data_kind == "points" else REFERENCE_IMAGES
         try:
-            tensors = self.dataset.tensors()
+            dataset = self.dataset
+            tensors = dataset.tensors()
+            if tensors is None:
+                items = [dataset[i] for i in range(min(k, len(dataset)))]
+                tensors = (torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items]))
         except DiffkitError:
             return None
-        return None if tensors is None else (tensors[0][:REFERENCE_POINTS], tensors[1][:REFERENCE_POINTS])
+        return tensors[0][:k], tensors[1][:k]
 
     @property
     def spec(self) -> Spec:
@@ -828,7 +835,7 @@ class Pipeline:
         if self.context.data_kind == "images":
             return plotting.image_grid(samples, path)
         data = self.reference_data()
-        reference = data[0][: samples.shape[0]] if data is not None else None
+        reference = data[0][: samples.shape[0]] if data is not None else None  # points: the training data
         if title is None:
             name = (self._data_config or {}).get("type", "data")
             title = f"{name}: {type(self.sampler).__name__} samples"

@@ -261,16 +261,38 @@ def test_reading_a_run_builds_no_data_and_writes_nothing_outside_it(capsys, fini
     assert code == 0, err
     code, _, err = run(capsys, "sample", finished, "--n", 8, "--out", tmp_path / "s.npy", "--no-progress")
     assert code == 0, err
-    # forward and evaluate read data, so here they fail, but never download or create its root
-    code, _, err = run(capsys, "forward", finished, "--out", tmp_path / "f.png")
-    one_line_error(code, err, str(anywhere))
+    code, _, err = run(capsys, "forward", finished, "--out", tmp_path / "f.png")  # noises the examples the run kept
+    assert code == 0, err
+    # evaluate needs held-out data: here it fails, but never downloads it or creates its root
     code, _, err = run(capsys, "evaluate", finished, "--no-progress", "--n", 8, "--timesteps", 2)
     one_line_error(code, err, str(anywhere))
     assert "downloading" not in err
 
     assert not anywhere.exists()
     assert tree(finished) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*outside, "py.png", "s.png", "s.npy"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*outside, "py.png", "s.png", "s.npy", "f.png"])
+
+
+def test_forward_on_an_image_run_reads_no_data(capsys, tmp_path):
+    spec = write_spec(
+        tmp_path / "digits.yaml",
+        data={"type": "digits"},
+        denoiser={"type": "mlp", "hidden": 32, "depth": 1},
+        **{"train.steps": 2},
+    )
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", spec, "--out", out, "--no-progress")
+    assert code == 0, err
+    anywhere = tmp_path / "ANYWHERE"
+    body = yaml.safe_load((out / "spec.yaml").read_text())
+    body["data"] = {"type": "mnist", "root": str(anywhere), "download": True}
+    (out / "spec.yaml").write_text(yaml.safe_dump(body))
+    before = tree(out)
+    code, _, err = run(capsys, "forward", out, "--out", tmp_path / "f.png", "--n", 4, "--frames", 3)
+    assert code == 0, err
+    kept = Pipeline.load(out).reference_data()
+    assert kept is not None and kept[0].shape == (64, 1, 8, 8) and kept[1].shape == (64,)
+    assert not anywhere.exists() and tree(out) == before
 
 
 # -- smaller: permissions, temporary files, messages ---------------------------------------------
