@@ -212,9 +212,21 @@ class Pipeline:
         if self._dataset is None:
             if self._data_config is None:
                 raise DiffkitError("this pipeline has no data; pass data=... to Pipeline or to fit()")
-            ctx = BuildContext(seed=self.seed)
-            self._dataset = self.registry.build("data", self.reading_section(self._data_config), ctx)
+            self._dataset = self.build_data(self._data_config)
         return self._dataset
+
+    def build_data(self, section: dict[str, Any]) -> Dataset:
+        """Build the data ``section``; as a loaded run reads it (:meth:`reading_section`)
+        where this pipeline was loaded from a run."""
+        reading = self.reading_section(section)
+        try:
+            return self.registry.build("data", reading, BuildContext(seed=self.seed))
+        except DiffkitError as exc:
+            if reading is section:
+                raise
+            raise DiffkitError(
+                f"{exc} Reading the run {self._run_dir} never downloads data, whatever its spec's download: says"
+            ) from None
 
     def reading_section(self, section: dict[str, Any]) -> dict[str, Any]:
         """A data ``section`` as a loaded run reads it: never downloading (a run's data

@@ -265,7 +265,7 @@ def test_reading_a_run_builds_no_data_and_writes_nothing_outside_it(capsys, fini
     assert code == 0, err
     # evaluate needs held-out data: here it fails, but never downloads it or creates its root
     code, _, err = run(capsys, "evaluate", finished, "--no-progress", "--n", 8, "--timesteps", 2)
-    one_line_error(code, err, str(anywhere))
+    one_line_error(code, err, str(anywhere), f"Reading the run {finished} never downloads data")
     assert "downloading" not in err
 
     assert not anywhere.exists()
