@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 import diffkit
-from diffkit import checkpoint, distributed
+from diffkit import checkpoint, distributed, memory
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
@@ -184,8 +184,29 @@ class Pipeline:
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
             with using_registry(self.registry):  # nested sections (a guided sampler's base) come from it too
+                if kind == "denoiser":
+                    self._check_size(kind, value)
                 return self.registry.build(kind, value, self.context)
         return value
+
+    def _check_size(self, kind: str, value: Config) -> None:
+        """Refuse a network too large for the memory before allocating it, naming the
+        spec fields (those changed from their defaults) that set its size."""
+        nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+        if nbytes is None:
+            return
+        config = _as_config(value)
+        defaults = self.registry.get(kind, str(config.get("type"))).component.params.model_fields
+
+        def sizes(v: Any) -> bool:
+            return (isinstance(v, int) and not isinstance(v, bool)) or (
+                isinstance(v, list) and bool(v) and all(isinstance(i, int) for i in v)
+            )
+
+        given = {k: v for k, v in config.items() if k != "type" and sizes(v)}
+        changed = {k: v for k, v in given.items() if k not in defaults or defaults[k].default != v} or given
+        fields = [f"{kind}.{k} ({v})" for k, v in changed.items()]
+        memory.check_network_size(nbytes, f"{kind} '{config.get('type')}'", fields)
 
     @property
     def guidance(self) -> Guidance | None:
