@@ -9,6 +9,8 @@ thing. ``fit`` trains, ``sample`` draws (by label, with guidance, where the pipe
 from __future__ import annotations
 
 import copy
+import json
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -676,6 +678,7 @@ class Pipeline:
             tensors["data.mean"], tensors["data.std"] = self.data_mean, self.data_std
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
+        checksums = {WEIGHTS_FILE: checkpoint.sha256_file(directory / WEIGHTS_FILE)}
         classifier = self.classifier
         if classifier is not None and self.classifier_steps_trained > 0:
             checkpoint.save_tensors(
@@ -683,6 +686,7 @@ class Pipeline:
                 {k: v.contiguous() for k, v in classifier.state_dict().items()},
                 metadata={"format": "diffkit-classifier-1"},
             )
+            checksums[CLASSIFIER_FILE] = checkpoint.sha256_file(directory / CLASSIFIER_FILE)
         checkpoint.write_json(
             directory / META_FILE,
             {
@@ -692,6 +696,7 @@ class Pipeline:
                 "num_classes": self.context.num_classes,
                 "data_kind": self.context.data_kind,
                 "steps_trained": self.steps_trained,
+                "sha256": checksums,
                 "classifier": (
                     {"steps_trained": self.classifier_steps_trained, "accuracy_by_t": self.classifier_accuracy}
                     if classifier is not None
@@ -717,7 +722,7 @@ class Pipeline:
         if not (directory / SPEC_FILE).is_file():
             raise DiffkitError(f"{directory} has no {SPEC_FILE}; it is not a finished diffkit run")
         registry = registry or get_registry()
-        meta = checkpoint.read_json(directory / META_FILE)
+        meta = _read_meta(directory / META_FILE)
         spec = load_spec(directory / SPEC_FILE, registry)
         context = BuildContext(
             sample_shape=tuple(meta["sample_shape"]),
@@ -726,7 +731,7 @@ class Pipeline:
             data_kind=meta.get("data_kind", "points"),
         )
         pipe = cls._from_validated(spec, registry, context)
-        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE)
+        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
         pipe._load_state(tensors, directory)
         pipe.steps_trained = int(meta.get("steps_trained", 0))
         pipe._load_classifier(directory, meta)
@@ -738,6 +743,9 @@ class Pipeline:
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        path = directory / WEIGHTS_FILE
+        own = self.denoiser.state_dict()
+        _check_tensors(path, tensors, {**{f"denoiser.{k}": v for k, v in own.items()}, **{f"online.{k}": v for k, v in own.items()}})
         try:
             self.denoiser.load_state_dict(part("denoiser."))
             online = part("online.")
@@ -749,7 +757,7 @@ class Pipeline:
             raise DiffkitError(
                 f"the weights in {directory / WEIGHTS_FILE} do not fit the denoiser its spec describes ({first})"
             ) from None
-        self.data_mean, self.data_std = tensors.get("data.mean"), tensors.get("data.std")
+        self.data_mean, self.data_std = _standardisation(path, tensors, self.context.sample_shape)
         self.denoiser.eval()
 
     def _load_classifier(self, directory: Path, meta: Mapping[str, Any]) -> None:
@@ -759,8 +767,10 @@ class Pipeline:
         path = directory / CLASSIFIER_FILE
         if classifier is None or not path.is_file():
             return
+        tensors = checkpoint.load_tensors(path, meta["sha256"].get(CLASSIFIER_FILE))
+        _check_tensors(path, tensors, classifier.state_dict())
         try:
-            classifier.load_state_dict(checkpoint.load_tensors(path))
+            classifier.load_state_dict(tensors)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes ({first})") from None
@@ -804,6 +814,97 @@ class Pipeline:
             f" objective={type(self.objective).__name__}, sampler={type(self.sampler).__name__},"
             f" sample_shape={self.context.sample_shape}, steps_trained={self.steps_trained})"
         )
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a run directory, its fields checked: each problem is one message
+    naming the file and the field. Runs saved before weights had checksums (no
+    ``sha256``) read as having none to verify."""
+    meta = checkpoint.read_json(path)
+    if not isinstance(meta, dict):
+        raise DiffkitError(
+            f"{path} holds {_json_kind(meta)} where a JSON object of the run's metadata is expected; the file is"
+            " damaged: restore it, or save the run again"
+        )
+
+    def bad(field: str, expected: str) -> DiffkitError:
+        got = "missing" if field not in meta else f"{_json_kind(meta[field])} ({json.dumps(meta[field])[:60]})"
+        return DiffkitError(f"{path}: {field} must be {expected}, got {got}; the file is damaged: restore it, or save the run again")
+
+    def count(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    shape = meta.get("sample_shape")
+    if not isinstance(shape, list) or not all(count(d, 1) for d in shape):
+        raise bad("sample_shape", "a list of positive integers (the shape of one sample)")
+    if meta.get("num_classes") is not None and not count(meta["num_classes"], 0):
+        raise bad("num_classes", "an integer of at least 0, or null")
+    if meta.get("data_kind", "points") not in ("points", "images"):
+        raise bad("data_kind", "'points' or 'images'")
+    if not count(meta.get("steps_trained", 0), 0):
+        raise bad("steps_trained", "an integer of at least 0")
+    info = meta.get("classifier")
+    if info is not None and (
+        not isinstance(info, dict)
+        or not (info.get("steps_trained") is None or count(info["steps_trained"], 0))
+        or not isinstance(info.get("accuracy_by_t") or [], list)
+    ):
+        raise bad("classifier", "null or an object with steps_trained (an integer) and accuracy_by_t (a list)")
+    sums = {} if meta.get("sha256") is None else meta["sha256"]
+    if not isinstance(sums, dict) or not all(
+        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()
+    ):
+        raise bad("sha256", "an object of file names and their SHA-256 (64 hex digits)")
+    meta["sha256"] = sums
+    return meta
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Refuse tensors that cannot be weights diffkit saved: integers or booleans where the
+    network (``expected``, by name) has floating-point values, or NaN or infinite values."""
+    for key, t in tensors.items():
+        want = expected.get(key)
+        if not t.is_floating_point():
+            if want is None or want.is_floating_point():
+                wanted = want.dtype if want is not None else "floating-point"
+                raise DiffkitError(
+                    f"{path}: tensor '{key}' is {t.dtype} where {wanted} values are expected; the file was not written"
+                    " by diffkit or is damaged: restore it, or train the run again"
+                )
+        elif not bool(torch.isfinite(t).all()):
+            raise DiffkitError(
+                f"{path}: tensor '{key}' holds NaN or infinite values, so every sample would be NaN; the file is damaged"
+                " or the training diverged: restore it, or train the run again (a lower train.lr)"
+            )
+
+
+def _standardisation(path: Path, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """``data.mean`` and ``data.std`` of a saved run, checked: both or neither, each of
+    one sample's shape, the std positive (NaN and infinity are refused before)."""
+    mean, std = tensors.get("data.mean"), tensors.get("data.std")
+    if mean is None and std is None:
+        return None, None
+    for name, t in (("data.mean", mean), ("data.std", std)):
+        if t is None:
+            other = "data.std" if name == "data.mean" else "data.mean"
+            raise DiffkitError(f"{path} has {other} but no {name}; the file is damaged: restore it, or train the run again")
+        if tuple(t.shape) != tuple(shape):
+            raise DiffkitError(
+                f"{path}: {name} has shape {tuple(t.shape)} but one sample of this run has shape {tuple(shape)}"
+                f" (sample_shape in {META_FILE}); the file is damaged: restore it, or train the run again"
+            )
+    assert std is not None
+    if not bool((std > 0).all()):
+        raise DiffkitError(
+            f"{path}: data.std has a value of 0 or less, which cannot standardise data; the file is damaged: restore it,"
+            " or train the run again"
+        )
+    return mean, std
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
