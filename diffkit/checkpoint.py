@@ -120,8 +120,8 @@ def load_tensors(path: str | Path, sha256: str | None = None) -> dict[str, Tenso
         blob = path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != sha256:
             raise DiffkitError(
-                f"{path} is damaged: its SHA-256 is not the one recorded in meta.json when it was saved (the file was"
-                " overwritten, truncated or corrupted); restore it, or train the run again"
+                f"{path} is damaged or truncated: its SHA-256 is not the one recorded in meta.json when it was saved"
+                " (the file was changed since); restore it, or train the run again"
             )
         return safetensors.torch.load(blob)
     except (SafetensorError, OSError, ValueError) as exc:

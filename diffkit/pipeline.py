@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,14 @@ data position and running loss mean. Others (more steps, another lr, ...) may ch
 when the caller allows it."""
 HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
+SAMPLE_BATCH_VALUES = 2**20
+"""Values (samples × values per sample) drawn at once by default: one float32 state of 4 MB."""
+MAX_SAMPLE_BATCH = 10_000
+"""The largest default batch of samples, however small one sample is."""
+PICTURE_LIMITS = {"images": 2_500, "points": 200_000}
+"""The most samples one picture shows: a 50 × 50 grid of images, or a scatter of points."""
+FORWARD_LIMITS = {"examples": 64, "points": 100_000, "frames": 32}
+"""The most data examples (image rows), points and timesteps a picture of the forward process shows."""
 
 
 def clear_training_outputs(out: str | Path) -> None:
@@ -280,6 +289,7 @@ class Pipeline:
         the data and only rank 0 writes.
         """
         config = TrainConfig.model_validate({**self.train_config.model_dump(), **overrides})
+        self.check_picture(config.preview, "train.preview")
         dataset = data if data is not None else self.dataset
         if tuple(dataset.sample_shape) != self.context.sample_shape:
             raise DiffkitError(
@@ -508,8 +518,10 @@ class Pipeline:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
         ``sampler`` overrides the pipeline's (a name, a section or an object); ``steps``
-        asks for fewer reverse steps; ``batch_size`` bounds memory by sampling in
-        chunks. The same ``seed`` and ``batch_size`` give the same samples.
+        asks for fewer reverse steps; ``batch_size`` (default :meth:`default_batch_size`)
+        bounds the memory of sampling by drawing in chunks, though the ``n`` samples
+        returned are held together (:meth:`sample_batches` yields them chunk by chunk).
+        The same ``seed`` and ``batch_size`` give the same samples.
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
@@ -518,42 +530,85 @@ class Pipeline:
         (else the spec's). An unguided ``sampler`` override of a guided pipeline is
         steered by the pipeline's guidance.
         """
+        chunks = list(
+            self.sample_batches(
+                n,
+                seed,
+                sampler,
+                steps,
+                labels=labels,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                progress=progress,
+                callback=callback,
+            )
+        )
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def default_batch_size(self) -> int:
+        """Samples drawn at once unless a batch size is given: as many as make
+        :data:`SAMPLE_BATCH_VALUES` values (one float32 state of 4 MB), at most
+        :data:`MAX_SAMPLE_BATCH`, whatever the number of samples asked for."""
+        values = math.prod(self.context.sample_shape) or 1
+        return max(1, min(MAX_SAMPLE_BATCH, SAMPLE_BATCH_VALUES // values))
+
+    def sample_batches(
+        self,
+        n: int,
+        seed: int | None = None,
+        sampler: Config | Sampler | None = None,
+        steps: int | None = None,
+        *,
+        labels: Labels | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        callback: StepCallback | None = None,
+    ) -> Iterator[Tensor]:
+        """:meth:`sample`'s ``n`` samples, chunk by chunk of ``batch_size`` as they are
+        drawn (on the CPU, in data coordinates), so that only one chunk is held at a time.
+        Every argument is checked before this returns."""
         if n < 1:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
+        if batch_size is not None and batch_size < 1:
+            raise DiffkitError(f"the batch size must be at least 1, got {batch_size}")
         if steps is not None and not 1 <= steps <= self.schedule.T:
             raise DiffkitError(f"steps must be between 1 and the schedule's T = {self.schedule.T}, got {steps}")
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
         device = self.device
-        y = None if labels is None else self._labels(labels, n).to(device)
+        y = None if labels is None else self._labels(labels, n)
         steer = self._steering(chosen, y, guidance_scale)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
         given = self.conditional_predictor()
-        predict = self.predictor()
-        batch_size = batch_size or n
-        chunks = []
-        self.denoiser.eval()
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                m = min(batch_size, n - start)
+        batch = batch_size or self.default_batch_size()
+
+        def draw() -> Iterator[Tensor]:
+            predict = self.predictor()
+            self.denoiser.eval()
+            for start in range(0, n, batch):
+                m = min(batch, n - start)
                 if y is not None:
-                    y_chunk = y[start : start + m]
+                    y_chunk = y[start : start + m].to(device)
                     if steer is not None:  # an unguided override, steered by the pipeline's guidance
                         predict = steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
                     else:
                         predict = LabelledPredict(given, y_chunk, guidance_scale)
-                x = chosen(
-                    predict,
-                    self.schedule,
-                    (m, *self.context.sample_shape),
-                    generator=generator,
-                    steps=steps,
-                    device=device,
-                    progress=progress,
-                    callback=callback,
-                )
-                chunks.append(self.denormalize(x).cpu())
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+                with torch.inference_mode():
+                    x = chosen(
+                        predict,
+                        self.schedule,
+                        (m, *self.context.sample_shape),
+                        generator=generator,
+                        steps=steps,
+                        device=device,
+                        progress=progress,
+                        callback=callback,
+                    )
+                    x = self.denormalize(x).cpu()
+                yield x
+
+        return draw()
 
     def _labels(self, labels: Labels, n: int) -> Tensor:
         """``labels`` as ``[n]`` long, checked against the data's classes."""
@@ -561,9 +616,7 @@ class Pipeline:
         if not classes:
             raise DiffkitError("this pipeline's data has no labels, so it cannot sample by label; train on labelled data")
         y = torch.as_tensor(labels).long().reshape(-1).cpu()
-        if y.numel() == 1:
-            y = y.expand(n)
-        if y.numel() != n:
+        if y.numel() not in (1, n):
             raise DiffkitError(f"labels must be one class or one per sample ({n}), got {y.numel()}")
         bad = y[(y < -1) | (y >= classes)]
         if bad.numel():
@@ -571,7 +624,7 @@ class Pipeline:
                 f"label {bad[0].item()} is out of range: the data has {classes} classes, 0 to {classes - 1}"
                 " (−1 asks for no label)"
             )
-        return y.clone()
+        return y.clone().expand(n)  # one class for all: a view, not a copy per sample
 
     def _steering(self, chosen: Sampler, y: Tensor | None, scale: float | None) -> Guidance | None:
         """Check that the pipeline can sample by these labels with ``chosen``; return the
@@ -658,6 +711,7 @@ class Pipeline:
     def forward_process(self, x0: Tensor, timesteps: list[int], seed: int = 0) -> Tensor:
         """Draws of q(x_t | x_0) for each of ``timesteps`` from data ``x0`` (in data
         coordinates), as ``[len(timesteps), N, ...]`` in data coordinates."""
+        self.check_forward(x0.shape[0], len(timesteps) if len(timesteps) > 1 else 2)
         g = torch.Generator().manual_seed(seed)
         if self.context.data_kind == "points" and self.data_mean is None:
             self._fit_normalizer(self.dataset)
@@ -779,11 +833,39 @@ class Pipeline:
         self.classifier_steps_trained = int(info.get("steps_trained") or 1)
         self.classifier_accuracy = info.get("accuracy_by_t")
 
+    def check_picture(self, n: int, asked: str = "--n, times the number of labels") -> None:
+        """Refuse a picture of more samples than :data:`PICTURE_LIMITS` allows, before they
+        are drawn; ``asked`` names the setting that asked for them."""
+        kind = self.context.data_kind
+        limit = PICTURE_LIMITS.get(kind, PICTURE_LIMITS["images"])
+        if n > limit:
+            raise DiffkitError(
+                f"a picture shows at most {limit:,} samples of {kind} and {n:,} were asked for ({asked}); ask for fewer,"
+                " or write the samples to a .npy file, which is streamed to disk batch by batch for any number"
+            )
+
+    def check_forward(self, n: int, frames: int) -> None:
+        """Refuse a picture of the forward process larger than :data:`FORWARD_LIMITS` allows."""
+        if n < 1 or frames < 2:
+            raise DiffkitError(f"the forward process needs at least 1 example and 2 frames, got {n} and {frames}")
+        key = "points" if self.context.data_kind == "points" else "examples"
+        if n > FORWARD_LIMITS[key]:
+            raise DiffkitError(
+                f"a picture of the forward process shows at most {FORWARD_LIMITS[key]:,} {key}, and {n:,} were asked"
+                " for (--n); ask for fewer"
+            )
+        if frames > FORWARD_LIMITS["frames"]:
+            raise DiffkitError(
+                f"a picture of the forward process shows at most {FORWARD_LIMITS['frames']} timesteps, and {frames:,}"
+                " were asked for (--frames); ask for fewer"
+            )
+
     def picture(self, samples: Tensor, path: str | Path, title: str | None = None) -> Path:
         """Write ``samples`` (in data coordinates) as a PNG: a grid of images, or a scatter
         of points beside as many points of the training data."""
         from diffkit import plotting
 
+        self.check_picture(samples.shape[0])
         if self.context.data_kind == "images":
             return plotting.image_grid(samples, path)
         reference = None
@@ -814,6 +896,42 @@ class Pipeline:
             f" objective={type(self.objective).__name__}, sampler={type(self.sampler).__name__},"
             f" sample_shape={self.context.sample_shape}, steps_trained={self.steps_trained})"
         )
+
+
+def write_npy(path: str | Path, batches: Iterable[Tensor], n: int, sample_shape: tuple[int, ...]) -> Path:
+    """Write ``n`` samples, given batch by batch, to a ``.npy`` file of float32 ``[n,
+    *sample_shape]``: each batch goes straight into a memory-mapped file (so memory holds
+    one batch whatever ``n``), written atomically (the file appears only once whole).
+    Refused before anything is written where the disk lacks the room."""
+    import shutil
+
+    import numpy as np
+
+    path = Path(path)
+    shape = (n, *sample_shape)
+    nbytes = 4 * math.prod(shape)
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise DiffkitError(
+            f"{path} would take {memory.format_bytes(nbytes)} ({n:,} samples of shape {tuple(sample_shape)}) and its disk"
+            f" has {memory.format_bytes(free)} free; ask for fewer samples, or write to another disk"
+        )
+
+    def write(tmp: Path) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        start = 0
+        for x in batches:
+            if start + x.shape[0] > n or tuple(x.shape[1:]) != tuple(sample_shape):
+                raise DiffkitError(f"a batch of shape {tuple(x.shape)} does not fit {n} samples of shape {tuple(sample_shape)}")
+            array[start : start + x.shape[0]] = x.numpy()
+            start += x.shape[0]
+        if start != n:
+            raise DiffkitError(f"{start} samples were drawn for the {n} of {path}")
+        array.flush()
+        del array
+
+    return checkpoint.atomic_write(path, write)
 
 
 def _json_kind(value: Any) -> str:
