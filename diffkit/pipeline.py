@@ -711,7 +711,6 @@ class Pipeline:
     def forward_process(self, x0: Tensor, timesteps: list[int], seed: int = 0) -> Tensor:
         """Draws of q(x_t | x_0) for each of ``timesteps`` from data ``x0`` (in data
         coordinates), as ``[len(timesteps), N, ...]`` in data coordinates."""
-        self.check_forward(x0.shape[0], len(timesteps) if len(timesteps) > 1 else 2)
         g = torch.Generator().manual_seed(seed)
         if self.context.data_kind == "points" and self.data_mean is None:
             self._fit_normalizer(self.dataset)

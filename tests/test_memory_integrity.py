@@ -25,6 +25,7 @@ import diffkit
 from diffkit import memory
 from diffkit.cli import main
 from diffkit.errors import DiffkitError
+from diffkit.interfaces import BuildContext
 from diffkit.pipeline import META_FILE, SPEC_FILE, WEIGHTS_FILE, Pipeline
 
 TINY = {
@@ -208,3 +209,99 @@ def test_sizing_the_network_leaves_the_initial_weights_alone():
         direct = registry.build("denoiser", net, pipe.context)
     for (name, a), b in zip(pipe.denoiser.state_dict().items(), direct.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# -- bounded memory: sample, pictures, forward ---------------------------------------------------
+def test_the_default_batch_does_not_grow_with_n():
+    def batch(shape, kind="points"):
+        return Pipeline(denoiser={"type": "mlp", "hidden": 8, "depth": 1}, _context=BuildContext(sample_shape=shape, data_kind=kind)).default_batch_size()
+
+    assert batch((2,)) == 10_000  # 2^20 values would be 524,288 points: capped
+    assert batch((3, 64, 64), "images") == 2**20 // (3 * 64 * 64) == 85
+    assert batch((1, 28, 28), "images") == 1337
+
+
+def test_sample_streams_the_npy_batch_by_batch(saved, tmp_path, capsys, monkeypatch):
+    import diffkit.pipeline
+
+    monkeypatch.setattr(diffkit.pipeline, "SAMPLE_BATCH_VALUES", 6)  # 3 points of 2 values per batch
+    log: list[tuple[str, int]] = []
+    draw = Pipeline.sample_batches
+
+    def sample_batches(self, *args, **kwargs):
+        assert kwargs["batch_size"] is None  # the CLI's default is the library's
+        for x in draw(self, *args, **kwargs):
+            log.append(("draw", x.shape[0]))
+            yield x
+
+    class Recorder:
+        def __init__(self, array):
+            self.array = array
+
+        def __setitem__(self, key, value):
+            log.append(("write", len(value)))
+            self.array[key] = value
+
+        def flush(self):
+            self.array.flush()
+
+    open_memmap = np.lib.format.open_memmap
+    monkeypatch.setattr(Pipeline, "sample_batches", sample_batches)
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: Recorder(open_memmap(*a, **k)))
+    monkeypatch.setattr(Pipeline, "sample", lambda *a, **k: pytest.fail("sample holds every sample at once"))
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(saved), "--n", "10", "--seed", "4", "--out", str(out), "--no-progress"]) == 0
+    # each batch is written before the next is drawn: memory holds one batch, whatever --n
+    assert log == [("draw", 3), ("write", 3)] * 3 + [("draw", 1), ("write", 1)]
+    monkeypatch.undo()
+    expected = Pipeline.load(saved).sample(10, seed=4, batch_size=3)
+    assert np.array_equal(np.load(out), expected.numpy())
+    assert "drew 10 samples of shape (2,)" in capsys.readouterr().out
+
+
+def test_a_npy_larger_than_the_free_disk_is_refused_before_sampling(saved, tmp_path, capsys, monkeypatch):
+    import shutil as sh
+
+    monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(saved), "--n", "1000", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffkit: error: {out} would take 8.0 KB (1,000 samples of shape (2,))") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_picture_of_too_many_samples_is_refused_before_sampling(saved, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Pipeline, "sample_batches", lambda *a, **k: pytest.fail("sampled before the check"))
+    out = tmp_path / "x.png"
+    assert main(["sample", str(saved), "--n", "1000000000", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "a picture shows at most 200,000 samples of points and 1,000,000,000 were asked for (--n" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_a_preview_too_large_to_draw_is_refused_before_training():
+    pipe = Pipeline.from_spec({**TINY, "train": {**TINY["train"], "preview": 10**9}})
+    with pytest.raises(DiffkitError, match=r"at most 200,000 samples of points and 1,000,000,000 were asked for \(train\.preview\)"):
+        pipe.fit(progress=False)
+    assert pipe.steps_trained == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--n", "100000000"], "shows at most 100,000 points, and 100,000,000 were asked for (--n)"),
+        (["--frames", "100000"], "shows at most 32 timesteps, and 100,000 were asked for (--frames)"),
+    ],
+)
+def test_forward_caps_what_it_draws(saved, tmp_path, capsys, args, needle):
+    out = tmp_path / "f.png"
+    assert main(["forward", str(saved), "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_forward_caps_image_rows():
+    pipe = Pipeline(denoiser={"type": "mlp", "hidden": 8, "depth": 1}, _context=BuildContext(sample_shape=(1, 8, 8), data_kind="images"))
+    pipe.check_forward(64, 8)
+    with pytest.raises(DiffkitError, match="at most 64 examples, and 65 were asked for"):
+        pipe.check_forward(65, 8)
