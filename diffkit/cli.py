@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the sampler's noise (default: random)")
     p.add_argument("--sampler", help="use this registered sampler, with its default parameters, instead of the spec's")
     p.add_argument("--steps", type=int, help="number of reverse steps (default: the sampler's)")
-    p.add_argument("--batch-size", type=int, help="sample in chunks of this size to bound memory")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples drawn at once; memory holds one batch whatever --n (default: as many as make 2^20 values, at"
+        " most 10,000)",
+    )
     p.add_argument(
         "--label",
         metavar="LABELS",
