@@ -305,3 +305,27 @@ def test_forward_caps_image_rows():
     pipe.check_forward(64, 8)
     with pytest.raises(DiffkitError, match="at most 64 examples, and 65 were asked for"):
         pipe.check_forward(65, 8)
+
+
+def test_the_classifier_of_classifier_guidance_is_checked_too(tmp_path, capsys):
+    from diffkit.pipeline import CLASSIFIER_FILE
+
+    spec = {
+        **TINY,
+        "data": {"type": "gaussians", "components": 2, "n": 64},
+        "sampler": {"type": "guided", "guidance": {"type": "classifier", "train_steps": 2}},
+    }
+    pipe = Pipeline.from_spec(spec)
+    pipe.fit(progress=False)
+    run = pipe.save(tmp_path / "cg")
+    meta = json.loads((run / META_FILE).read_text())
+    assert meta["sha256"][CLASSIFIER_FILE] == hashlib.sha256((run / CLASSIFIER_FILE).read_bytes()).hexdigest()
+    Pipeline.load(run)
+    tensors = load_file(str(run / CLASSIFIER_FILE))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(run / CLASSIFIER_FILE))  # a changed file: its checksum no longer matches
+    fails_on_load_and_sample(run, capsys, tmp_path, str(run / CLASSIFIER_FILE), "SHA-256")
+    meta["sha256"][CLASSIFIER_FILE] = hashlib.sha256((run / CLASSIFIER_FILE).read_bytes()).hexdigest()
+    (run / META_FILE).write_text(json.dumps(meta))  # re-signed: the NaN values themselves are refused
+    fails_on_load_and_sample(run, capsys, tmp_path, str(run / CLASSIFIER_FILE), f"'{name}'", "NaN or infinite")
