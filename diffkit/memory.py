@@ -20,12 +20,23 @@ from torch import nn
 
 from diffkit.errors import DiffkitError
 
-__all__ = ["MEMORY_LIMIT_ENV", "WEIGHT_COPIES", "memory_limit", "network_bytes", "check_network_size", "format_bytes"]
+__all__ = [
+    "MEMORY_LIMIT_ENV",
+    "WEIGHT_COPIES",
+    "TRAINING_COPIES",
+    "memory_limit",
+    "network_bytes",
+    "module_bytes",
+    "check_network_size",
+    "format_bytes",
+]
 
 MEMORY_LIMIT_ENV = "DIFFKIT_MEMORY_LIMIT"
 WEIGHT_COPIES = 2
 """Copies of a network's weights a pipeline holds: the weights and their EMA (training),
 or the EMA and the raw weights read back from a run directory."""
+TRAINING_COPIES = 5
+"""Copies training holds: the weights, their EMA, the gradients and AdamW's two moments."""
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -38,9 +49,10 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def memory_limit() -> int | None:
+def memory_limit(device: torch.device | None = None) -> int | None:
     """Bytes a network's weights may take: ``DIFFKIT_MEMORY_LIMIT`` where set, else the
-    memory available now; ``None`` where neither is known (no check)."""
+    memory available now (on a CUDA ``device``, its free memory); ``None`` where neither
+    is known (no check)."""
     text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
     if text:
         m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", text)
@@ -50,6 +62,11 @@ def memory_limit() -> int | None:
                 " 512MB"
             )
         return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if device is not None and device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -74,20 +91,35 @@ def network_bytes(build: Callable[[], nn.Module]) -> int | None:
         return None
     if not isinstance(net, nn.Module):
         return None
+    return module_bytes(net)
+
+
+def module_bytes(net: nn.Module) -> int:
+    """Bytes of a network's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in chain(net.parameters(), net.buffers()))
 
 
-def check_network_size(nbytes: int, what: str, fields: list[str]) -> None:
-    """Refuse a network whose :data:`WEIGHT_COPIES` copies of weights would not fit in
-    :func:`memory_limit`, naming the spec ``fields`` that set its size."""
-    limit = memory_limit()
-    need = WEIGHT_COPIES * nbytes
+def check_network_size(
+    nbytes: int,
+    what: str,
+    fields: list[str],
+    copies: int = WEIGHT_COPIES,
+    held: str = "with their EMA copy",
+    device: torch.device | None = None,
+) -> None:
+    """Refuse a network whose ``copies`` copies of weights (``held`` says which) would not
+    fit in :func:`memory_limit`, naming the spec ``fields`` that set its size."""
+    limit = memory_limit(device)
+    need = copies * nbytes
     if limit is None or need <= limit:
         return
-    source = "the limit DIFFKIT_MEMORY_LIMIT sets" if os.environ.get(MEMORY_LIMIT_ENV, "").strip() else "the memory available"
+    if os.environ.get(MEMORY_LIMIT_ENV, "").strip():
+        source = "the limit DIFFKIT_MEMORY_LIMIT sets"
+    else:
+        source = f"the memory free on {device}" if device is not None and device.type == "cuda" else "the memory available"
     knobs = " or ".join(fields) if fields else f"the {what}'s size"
     raise DiffkitError(
-        f"the {what} would take {format_bytes(nbytes)} of weights ({format_bytes(need)} with their EMA copy), more than"
+        f"the {what} would take {format_bytes(nbytes)} of weights ({format_bytes(need)} {held}), more than"
         f" {source} ({format_bytes(limit)}); make {knobs} smaller, or set {MEMORY_LIMIT_ENV} (e.g. 64GB) if the"
         " machine has the memory"
     )

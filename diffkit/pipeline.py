@@ -200,10 +200,12 @@ class Pipeline:
                 return self.registry.build(kind, value, self.context)
         return value
 
-    def _check_size(self, kind: str, value: Config) -> None:
-        """Refuse a network too large for the memory before allocating it, naming the
-        spec fields (those changed from their defaults) that set its size."""
-        nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+    def _check_size(self, kind: str, value: Config, nbytes: int | None = None, **training: Any) -> None:
+        """Refuse a network too large for the memory before allocating it (``nbytes``
+        counted on the meta device unless given), naming the spec fields (those changed
+        from their defaults) that set its size."""
+        if nbytes is None:
+            nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
         if nbytes is None:
             return
         config = _as_config(value)
@@ -217,7 +219,7 @@ class Pipeline:
         given = {k: v for k, v in config.items() if k != "type" and sizes(v)}
         changed = {k: v for k, v in given.items() if k not in defaults or defaults[k].default != v} or given
         fields = [f"{kind}.{k} ({v})" for k, v in changed.items()]
-        memory.check_network_size(nbytes, f"{kind} '{config.get('type')}'", fields)
+        memory.check_network_size(nbytes, f"{kind} '{config.get('type')}'", fields, **training)
 
     @property
     def guidance(self) -> Guidance | None:
@@ -300,6 +302,11 @@ class Pipeline:
             raise DiffkitError("resume=True continues the run in a directory: give it as out=")
         dist = distributed.setup(resolve_device(config.device))
         device = dist.device
+        section = getattr(self.denoiser, "__diffkit_spec__", None)
+        if section is not None:  # a network built by hand is the caller's to size
+            held = "to train: the weights, their EMA, the gradients and AdamW's two moments"
+            nbytes = memory.module_bytes(self.denoiser)
+            self._check_size("denoiser", section, nbytes, copies=memory.TRAINING_COPIES, held=held, device=device)
         self._fit_normalizer(dataset)
         classes = getattr(self.denoiser, "num_classes", None)
         if classes and not dataset.num_classes:

@@ -329,3 +329,17 @@ def test_the_classifier_of_classifier_guidance_is_checked_too(tmp_path, capsys):
     meta["sha256"][CLASSIFIER_FILE] = hashlib.sha256((run / CLASSIFIER_FILE).read_bytes()).hexdigest()
     (run / META_FILE).write_text(json.dumps(meta))  # re-signed: the NaN values themselves are refused
     fails_on_load_and_sample(run, capsys, tmp_path, str(run / CLASSIFIER_FILE), f"'{name}'", "NaN or infinite")
+
+
+def test_training_state_is_sized_before_training(monkeypatch):
+    pipe = Pipeline.from_spec({**TINY, "denoiser": {"type": "mlp", "hidden": 256, "depth": 2}})
+    weights = memory.module_bytes(pipe.denoiser)
+    # room for the weights and their EMA (what building needs), not for the training state
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, str(3 * weights))
+    with pytest.raises(DiffkitError, match=r"to train: the weights, their EMA, the gradients and AdamW's two moments") as info:
+        pipe.fit(progress=False)
+    assert "denoiser.hidden (256) or denoiser.depth (2)" in str(info.value)
+    assert pipe.steps_trained == 0
+    monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, str(5 * weights))
+    pipe.fit(progress=False, steps=1)
+    assert pipe.steps_trained == 1
