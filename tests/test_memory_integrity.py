@@ -343,3 +343,17 @@ def test_training_state_is_sized_before_training(monkeypatch):
     monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, str(5 * weights))
     pipe.fit(progress=False, steps=1)
     assert pipe.steps_trained == 1
+
+
+def test_each_label_is_drawn_from_the_seed_batch_by_batch(tmp_path, capsys):
+    spec = {**TINY, "data": {"type": "gaussians", "components": 3, "n": 64}, "denoiser": {"type": "mlp", "hidden": 16, "depth": 1, "num_classes": 3}}
+    pipe = Pipeline.from_spec(spec)
+    pipe.fit(progress=False)
+    run = pipe.save(tmp_path / "cfg")
+    both, one = tmp_path / "both.npy", tmp_path / "one.npy"
+    common = ["--n", "5", "--seed", "1", "--batch-size", "2", "--no-progress"]
+    assert main(["sample", str(run), "--label", "0,2", "--out", str(both), *common]) == 0
+    assert main(["sample", str(run), "--label", "2", "--out", str(one), *common]) == 0
+    rows = np.load(both)
+    assert rows.shape == (10, 2) and np.array_equal(rows[5:], np.load(one))
+    assert np.array_equal(rows[:5], pipe.sample(5, seed=1, labels=0, batch_size=2).numpy())
