@@ -4,7 +4,8 @@ A spec (or a run directory's ``spec.yaml``) can ask for a network far larger tha
 machine: ``denoiser: {hidden: 65536, depth: 64}`` is 800 billion parameters. The network
 is built once on PyTorch's ``meta`` device, which allocates nothing, to count its
 parameters and buffers; the real one is built only if its weights fit in the memory
-available (``MemAvailable`` of ``/proc/meminfo``), or in ``DIFFKIT_MEMORY_LIMIT``
+available (``MemAvailable`` of ``/proc/meminfo``, or what a container's cgroup still
+allows where that is less), or in ``DIFFKIT_MEMORY_LIMIT``
 (``"8GB"``, ``"512MB"``, a number of bytes) where that is set.
 """
 
@@ -67,6 +68,14 @@ def memory_limit(device: torch.device | None = None) -> int | None:
             return int(torch.cuda.mem_get_info(device)[0])
         except (RuntimeError, AssertionError):
             return None
+    available = _meminfo_available()
+    container = _cgroup_room()  # a container's own limit, below the machine's
+    if available is None or container is None:
+        return container if available is None else available
+    return min(available, container)
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -77,6 +86,18 @@ def memory_limit(device: torch.device | None = None) -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """What the cgroup (v2) this process runs in still allows, where it sets a limit."""
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
+            used = int(fh.read().strip())
+        return None if limit == "max" else max(0, int(limit) - used)
+    except (OSError, ValueError):
         return None
 
 

@@ -179,12 +179,14 @@ def test_meta_json_that_is_not_utf8_is_one_message(run, capsys, tmp_path):
 
 
 # -- the size of the network ---------------------------------------------------------------------
-def test_a_huge_network_in_a_run_directory_is_refused_before_it_is_allocated(run, capsys, tmp_path):
+def test_a_huge_network_in_a_run_directory_is_refused_before_it_is_allocated(run, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: 16 * 10**9)  # the same in both messages
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: None)
     spec = yaml.safe_load((run / SPEC_FILE).read_text())
     spec["denoiser"].update(hidden=65536, depth=64)  # 3.3 TB of weights
     (run / SPEC_FILE).write_text(yaml.safe_dump(spec))
     message = fails_on_load_and_sample(run, capsys, tmp_path, "denoiser.hidden (65536)", "denoiser.depth (64)", "DIFFKIT_MEMORY_LIMIT")
-    assert "3.3 TB" in message
+    assert "3.3 TB of weights (6.6 TB with their EMA copy), more than the memory available (16.0 GB)" in message
 
 
 def test_the_memory_limit_can_be_set(monkeypatch):
@@ -357,3 +359,16 @@ def test_each_label_is_drawn_from_the_seed_batch_by_batch(tmp_path, capsys):
     rows = np.load(both)
     assert rows.shape == (10, 2) and np.array_equal(rows[5:], np.load(one))
     assert np.array_equal(rows[:5], pipe.sample(5, seed=1, labels=0, batch_size=2).numpy())
+
+
+def test_a_containers_limit_counts_where_it_is_below_the_machines(monkeypatch, tmp_path):
+    import builtins
+
+    files = {"/sys/fs/cgroup/memory.max": "3000000\n", "/sys/fs/cgroup/memory.current": "1000000\n", "/proc/meminfo": "MemAvailable:  8000000 kB\n"}
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(tmp_path / Path(path).name, *a, **k) if str(path) in files else real_open(path, *a, **k))
+    for path, text in files.items():
+        (tmp_path / Path(path).name).write_text(text)
+    assert memory.memory_limit() == 2_000_000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory.memory_limit() == 8_000_000 * 1024
