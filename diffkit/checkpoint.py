@@ -35,6 +35,7 @@ __all__ = [
     "write_json",
     "save_tensors",
     "load_tensors",
+    "sha256_file",
     "read_json",
     "TrainingCheckpoint",
     "CheckpointDir",
@@ -128,6 +129,10 @@ def read_json(path: str | Path) -> Any:
         raise DiffkitError(f"{path} is missing; is {path.parent} a diffkit run directory?") from None
     except json.JSONDecodeError as exc:
         raise DiffkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is damaged") from None
+    except UnicodeDecodeError:
+        raise DiffkitError(f"{path} is not UTF-8 text; the file is damaged") from None
+    except RecursionError:
+        raise DiffkitError(f"{path} is nested too deeply to be a diffkit file; the file is damaged") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -136,13 +141,31 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[st
     return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
 
 
-def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """Load a safetensors file, with an error that names the file if it is missing or damaged."""
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tensors(path: str | Path, sha256: str | None = None) -> dict[str, Tensor]:
+    """Load a safetensors file, with an error that names the file if it is missing or
+    damaged, or (given ``sha256``) if its bytes are not the ones recorded when it was saved."""
     path = Path(path)
     if not path.is_file():
         raise DiffkitError(f"{path} is missing; is {path.parent} a diffkit run directory?")
     try:
-        return load_file(str(path))
+        if sha256 is None:
+            return load_file(str(path))
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            raise DiffkitError(
+                f"{path} is damaged or truncated: its SHA-256 is not the one recorded in meta.json when it was saved"
+                " (the file was changed since); restore it, or train the run again"
+            )
+        return safetensors.torch.load(blob)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DiffkitError(f"{path} is not a readable safetensors file ({exc}); the file is damaged or truncated") from None
 

@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the sampler's noise (default: random)")
     p.add_argument("--sampler", help="use this registered sampler, with its default parameters, instead of the spec's")
     p.add_argument("--steps", type=int, help="number of reverse steps (default: the sampler's)")
-    p.add_argument("--batch-size", type=int, help="sample in chunks of this size to bound memory")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples drawn at once; memory holds one batch whatever --n (default: as many as make 2^20 values, at"
+        " most 10,000)",
+    )
     p.add_argument(
         "--label",
         metavar="LABELS",
@@ -148,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forward", help="draw the forward process q(x_t | x_0) on real data at several t")
     p.add_argument("source", help="a run directory or a spec file (its data and schedule are used)")
     p.add_argument("--out", required=True, help="output picture (.png)")
-    p.add_argument("--n", type=int, default=8, help="number of data examples (default 8)")
-    p.add_argument("--frames", type=int, default=8, help="number of timesteps shown, from 0 to T-1 (default 8)")
+    p.add_argument("--n", type=int, default=8, help="number of data examples (default 8; at most 64 images or 100,000 points)")
+    p.add_argument("--frames", type=int, default=8, help="number of timesteps shown, from 0 to T-1 (default 8, at most 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the noise")
     add_plugin_options(p)
     p.set_defaults(func=cmd_forward)
@@ -314,11 +319,10 @@ def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from diffkit import checkpoint, plotting
-    from diffkit.pipeline import Pipeline
+    from diffkit import plotting
+    from diffkit.pipeline import Pipeline, write_npy
 
     out = Path(args.out)
     if args.trajectory:
@@ -337,44 +341,45 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise DiffkitError(f"--guidance-scale must be at least 0, got {args.guidance_scale}")
     registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
-    labels = None
     if classes is not None:
         _check_labels(pipe, classes, args)
-        labels = torch.tensor(classes).repeat_interleave(args.n)
     total = args.n * (len(classes) if classes else 1)
+    if out.suffix.lower() == ".png":
+        pipe.check_picture(total)
     start = time.perf_counter()
-    samples = pipe.sample(
-        total,
-        seed=args.seed,
-        sampler=args.sampler,
-        steps=args.steps,
-        labels=labels,
-        guidance_scale=args.guidance_scale,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+    # label by label (rows in label order), each from --seed, each batch by batch
+    batches = [
+        pipe.sample_batches(
+            args.n,
+            seed=args.seed,
+            sampler=args.sampler,
+            steps=args.steps,
+            labels=label,
+            guidance_scale=args.guidance_scale,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        for label in (classes or [None])
+    ]
+    if out.suffix.lower() == ".npy":
+        write_npy(out, (x for chunks in batches for x in chunks), total, pipe.context.sample_shape)
+    else:
+        samples = torch.cat([x for chunks in batches for x in chunks])
     seconds = time.perf_counter() - start
     if args.trajectory:
         _check_png(args.trajectory, "--trajectory")
         # images: a few rows to look at; points: enough of them to see the shape form
         shown = min(total, 8) if pipe.context.data_kind == "images" else min(total, 2000)
-        picked = None if labels is None else labels[torch.linspace(0, total - 1, shown).round().long()]
+        where = torch.linspace(0, total - 1, shown).round().long()
+        picked = None if classes is None else torch.tensor(classes)[where // args.n]
         ts, states = pipe.trajectory(
             n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps, labels=picked, guidance_scale=args.guidance_scale
         )
         names = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
         plotting.frames(states, names, args.trajectory, title="reverse process: noise → data")
-    if out.suffix.lower() == ".npy":
-        array = samples.numpy().astype(np.float32)
-
-        def write(path: Path) -> None:
-            with open(path, "wb") as fh:  # a file object: np.save would append .npy to a path
-                np.save(fh, array, allow_pickle=False)
-
-        checkpoint.atomic_write(out, write)
-    elif classes is None:
+    if out.suffix.lower() == ".png" and classes is None:
         _write_picture(pipe, samples, out)
-    else:
+    elif out.suffix.lower() == ".png":
         _write_labelled_picture(pipe, samples, classes, args.n, out)
     if classes is None:
         what = f"{args.n} samples"
@@ -382,7 +387,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         what = f"{args.n} samples of label {classes[0]}"
     else:
         what = f"{args.n} samples of each of the labels {','.join(map(str, classes))}"
-    print(f"drew {what} of shape {tuple(samples.shape[1:])} in {seconds:.1f} s; wrote {out}")
+    print(f"drew {what} of shape {tuple(pipe.context.sample_shape)} in {seconds:.1f} s; wrote {out}")
     return 0
 
 
@@ -457,6 +462,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
     registry = load_registry(args)
     source = Path(args.source)
     pipe = Pipeline.load(source, registry) if source.is_dir() else Pipeline.from_spec(source, registry)
+    pipe.check_forward(args.n, args.frames)
     # a run keeps examples of its data, so drawing from it reads no data (only older runs, saved without, do)
     kept = pipe.reference_data() if source.is_dir() else None
     data = pipe.dataset if kept is None else None

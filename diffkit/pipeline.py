@@ -9,8 +9,11 @@ thing. ``fit`` trains, ``sample`` draws (by label, with guidance, where the pipe
 from __future__ import annotations
 
 import copy
+import json
+import math
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 import diffkit
-from diffkit import checkpoint, distributed, rundir
+from diffkit import checkpoint, distributed, memory, rundir
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
@@ -86,6 +89,14 @@ REFERENCE_IMAGES = 64
 """Training images a run saves for ``diffkit forward`` to noise, so that it never reads the data."""
 HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
+SAMPLE_BATCH_VALUES = 2**20
+"""Values (samples × values per sample) drawn at once by default: one float32 state of 4 MB."""
+MAX_SAMPLE_BATCH = 10_000
+"""The largest default batch of samples, however small one sample is."""
+PICTURE_LIMITS = {"images": 2_500, "points": 200_000}
+"""The most samples one picture shows: a 50 × 50 grid of images, or a scatter of points."""
+FORWARD_LIMITS = {"examples": 64, "points": 100_000, "frames": 32}
+"""The most data examples (image rows), points and timesteps a picture of the forward process shows."""
 
 
 def clear_training_outputs(out: str | Path) -> None:
@@ -192,8 +203,31 @@ class Pipeline:
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
             with using_registry(self.registry):  # nested sections (a guided sampler's base) come from it too
+                if kind == "denoiser":
+                    self._check_size(kind, value)
                 return self.registry.build(kind, value, self.context)
         return value
+
+    def _check_size(self, kind: str, value: Config, nbytes: int | None = None, **training: Any) -> None:
+        """Refuse a network too large for the memory before allocating it (``nbytes``
+        counted on the meta device unless given), naming the spec fields (those changed
+        from their defaults) that set its size."""
+        if nbytes is None:
+            nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+        if nbytes is None:
+            return
+        config = _as_config(value)
+        defaults = self.registry.get(kind, str(config.get("type"))).component.params.model_fields
+
+        def sizes(v: Any) -> bool:
+            return (isinstance(v, int) and not isinstance(v, bool)) or (
+                isinstance(v, list) and bool(v) and all(isinstance(i, int) for i in v)
+            )
+
+        given = {k: v for k, v in config.items() if k != "type" and sizes(v)}
+        changed = {k: v for k, v in given.items() if k not in defaults or defaults[k].default != v} or given
+        fields = [f"{kind}.{k} ({v})" for k, v in changed.items()]
+        memory.check_network_size(nbytes, f"{kind} '{config.get('type')}'", fields, **training)
 
     @property
     def guidance(self) -> Guidance | None:
@@ -317,6 +351,7 @@ class Pipeline:
         ``overrides``, the device, the precision, the logging extras and the data (read
         here, and checked against the denoiser). Returns the settings and the data."""
         config = TrainConfig.model_validate({**self.train_config.model_dump(), **overrides})
+        self.check_picture(config.preview, "train.preview")
         dataset = data if data is not None else self.dataset
         if tuple(dataset.sample_shape) != self.context.sample_shape:
             raise DiffkitError(
@@ -329,6 +364,11 @@ class Pipeline:
             _summary_writer_class()
         if config.batch_size > len(dataset):
             raise DiffkitError(f"train.batch_size ({config.batch_size}) exceeds the dataset's {len(dataset)} examples; lower it")
+        section = getattr(self.denoiser, "__diffkit_spec__", None)
+        if section is not None:  # a network built by hand is the caller's to size
+            held = "to train: the weights, their EMA, the gradients and AdamW's two moments"
+            nbytes = memory.module_bytes(self.denoiser)
+            self._check_size("denoiser", section, nbytes, copies=memory.TRAINING_COPIES, held=held, device=device)
         classes = getattr(self.denoiser, "num_classes", None)
         if classes and not dataset.num_classes:
             raise DiffkitError(
@@ -570,8 +610,10 @@ class Pipeline:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
         ``sampler`` overrides the pipeline's (a name, a section or an object); ``steps``
-        asks for fewer reverse steps; ``batch_size`` bounds memory by sampling in
-        chunks. The same ``seed`` and ``batch_size`` give the same samples.
+        asks for fewer reverse steps; ``batch_size`` (default :meth:`default_batch_size`)
+        bounds the memory of sampling by drawing in chunks, though the ``n`` samples
+        returned are held together (:meth:`sample_batches` yields them chunk by chunk).
+        The same ``seed`` and ``batch_size`` give the same samples.
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
@@ -580,42 +622,85 @@ class Pipeline:
         (else the spec's). An unguided ``sampler`` override of a guided pipeline is
         steered by the pipeline's guidance.
         """
+        chunks = list(
+            self.sample_batches(
+                n,
+                seed,
+                sampler,
+                steps,
+                labels=labels,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                progress=progress,
+                callback=callback,
+            )
+        )
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def default_batch_size(self) -> int:
+        """Samples drawn at once unless a batch size is given: as many as make
+        :data:`SAMPLE_BATCH_VALUES` values (one float32 state of 4 MB), at most
+        :data:`MAX_SAMPLE_BATCH`, whatever the number of samples asked for."""
+        values = math.prod(self.context.sample_shape) or 1
+        return max(1, min(MAX_SAMPLE_BATCH, SAMPLE_BATCH_VALUES // values))
+
+    def sample_batches(
+        self,
+        n: int,
+        seed: int | None = None,
+        sampler: Config | Sampler | None = None,
+        steps: int | None = None,
+        *,
+        labels: Labels | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        callback: StepCallback | None = None,
+    ) -> Iterator[Tensor]:
+        """:meth:`sample`'s ``n`` samples, chunk by chunk of ``batch_size`` as they are
+        drawn (on the CPU, in data coordinates), so that only one chunk is held at a time.
+        Every argument is checked before this returns."""
         if n < 1:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
+        if batch_size is not None and batch_size < 1:
+            raise DiffkitError(f"the batch size must be at least 1, got {batch_size}")
         if steps is not None and not 1 <= steps <= self.schedule.T:
             raise DiffkitError(f"steps must be between 1 and the schedule's T = {self.schedule.T}, got {steps}")
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
         device = self.device
-        y = None if labels is None else self._labels(labels, n).to(device)
+        y = None if labels is None else self._labels(labels, n)
         steer = self._steering(chosen, y, guidance_scale)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
         given = self.conditional_predictor()
-        predict = self.predictor()
-        batch_size = batch_size or n
-        chunks = []
-        self.denoiser.eval()
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                m = min(batch_size, n - start)
+        batch = batch_size or self.default_batch_size()
+
+        def draw() -> Iterator[Tensor]:
+            predict = self.predictor()
+            self.denoiser.eval()
+            for start in range(0, n, batch):
+                m = min(batch, n - start)
                 if y is not None:
-                    y_chunk = y[start : start + m]
+                    y_chunk = y[start : start + m].to(device)
                     if steer is not None:  # an unguided override, steered by the pipeline's guidance
                         predict = steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
                     else:
                         predict = LabelledPredict(given, y_chunk, guidance_scale)
-                x = chosen(
-                    predict,
-                    self.schedule,
-                    (m, *self.context.sample_shape),
-                    generator=generator,
-                    steps=steps,
-                    device=device,
-                    progress=progress,
-                    callback=callback,
-                )
-                chunks.append(self.denormalize(x).cpu())
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+                with torch.inference_mode():
+                    x = chosen(
+                        predict,
+                        self.schedule,
+                        (m, *self.context.sample_shape),
+                        generator=generator,
+                        steps=steps,
+                        device=device,
+                        progress=progress,
+                        callback=callback,
+                    )
+                    x = self.denormalize(x).cpu()
+                yield x
+
+        return draw()
 
     def _labels(self, labels: Labels, n: int) -> Tensor:
         """``labels`` as ``[n]`` long, checked against the data's classes."""
@@ -623,9 +708,7 @@ class Pipeline:
         if not classes:
             raise DiffkitError("this pipeline's data has no labels, so it cannot sample by label; train on labelled data")
         y = torch.as_tensor(labels).long().reshape(-1).cpu()
-        if y.numel() == 1:
-            y = y.expand(n)
-        if y.numel() != n:
+        if y.numel() not in (1, n):
             raise DiffkitError(f"labels must be one class or one per sample ({n}), got {y.numel()}")
         bad = y[(y < -1) | (y >= classes)]
         if bad.numel():
@@ -633,7 +716,7 @@ class Pipeline:
                 f"label {bad[0].item()} is out of range: the data has {classes} classes, 0 to {classes - 1}"
                 " (−1 asks for no label)"
             )
-        return y.clone()
+        return y.clone().expand(n)  # one class for all: a view, not a copy per sample
 
     def _steering(self, chosen: Sampler, y: Tensor | None, scale: float | None) -> Guidance | None:
         """Check that the pipeline can sample by these labels with ``chosen``; return the
@@ -743,6 +826,7 @@ class Pipeline:
             tensors["data.reference"], tensors["data.reference_labels"] = reference
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
+        checksums = {WEIGHTS_FILE: checkpoint.sha256_file(directory / WEIGHTS_FILE)}
         classifier = self.classifier
         if classifier is not None and self.classifier_steps_trained > 0:
             checkpoint.save_tensors(
@@ -750,6 +834,7 @@ class Pipeline:
                 {k: v.contiguous() for k, v in classifier.state_dict().items()},
                 metadata={"format": "diffkit-classifier-1"},
             )
+            checksums[CLASSIFIER_FILE] = checkpoint.sha256_file(directory / CLASSIFIER_FILE)
         checkpoint.write_json(
             directory / META_FILE,
             {
@@ -759,6 +844,7 @@ class Pipeline:
                 "num_classes": self.context.num_classes,
                 "data_kind": self.context.data_kind,
                 "steps_trained": self.steps_trained,
+                "sha256": checksums,
                 "classifier": (
                     {"steps_trained": self.classifier_steps_trained, "accuracy_by_t": self.classifier_accuracy}
                     if classifier is not None
@@ -784,7 +870,7 @@ class Pipeline:
         if not (directory / SPEC_FILE).is_file():
             raise DiffkitError(f"{directory} has no {SPEC_FILE}; it is not a finished diffkit run")
         registry = registry or get_registry()
-        meta = checkpoint.read_json(directory / META_FILE)
+        meta = _read_meta(directory / META_FILE)
         spec = load_spec(directory / SPEC_FILE, registry)
         context = BuildContext(
             sample_shape=tuple(meta["sample_shape"]),
@@ -794,7 +880,7 @@ class Pipeline:
         )
         pipe = cls._from_validated(spec, registry, context)
         pipe._run_dir = directory
-        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE)
+        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
         pipe._load_state(tensors, directory)
         pipe.steps_trained = int(meta.get("steps_trained", 0))
         pipe._load_classifier(directory, meta)
@@ -806,6 +892,9 @@ class Pipeline:
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        path = directory / WEIGHTS_FILE
+        own = self.denoiser.state_dict()
+        _check_tensors(path, tensors, {**{f"denoiser.{k}": v for k, v in own.items()}, **{f"online.{k}": v for k, v in own.items()}})
         try:
             self.denoiser.load_state_dict(part("denoiser."))
             online = part("online.")
@@ -817,7 +906,7 @@ class Pipeline:
             raise DiffkitError(
                 f"the weights in {directory / WEIGHTS_FILE} do not fit the denoiser its spec describes ({first})"
             ) from None
-        self.data_mean, self.data_std = tensors.get("data.mean"), tensors.get("data.std")
+        self.data_mean, self.data_std = _standardisation(path, tensors, self.context.sample_shape)
         if "data.reference" in tensors and "data.reference_labels" in tensors:
             self._reference = (tensors["data.reference"], tensors["data.reference_labels"])
         self.denoiser.eval()
@@ -829,8 +918,10 @@ class Pipeline:
         path = directory / CLASSIFIER_FILE
         if classifier is None or not path.is_file():
             return
+        tensors = checkpoint.load_tensors(path, meta["sha256"].get(CLASSIFIER_FILE))
+        _check_tensors(path, tensors, classifier.state_dict())
         try:
-            classifier.load_state_dict(checkpoint.load_tensors(path))
+            classifier.load_state_dict(tensors)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes ({first})") from None
@@ -839,11 +930,39 @@ class Pipeline:
         self.classifier_steps_trained = int(info.get("steps_trained") or 1)
         self.classifier_accuracy = info.get("accuracy_by_t")
 
+    def check_picture(self, n: int, asked: str = "--n, times the number of labels") -> None:
+        """Refuse a picture of more samples than :data:`PICTURE_LIMITS` allows, before they
+        are drawn; ``asked`` names the setting that asked for them."""
+        kind = self.context.data_kind
+        limit = PICTURE_LIMITS.get(kind, PICTURE_LIMITS["images"])
+        if n > limit:
+            raise DiffkitError(
+                f"a picture shows at most {limit:,} samples of {kind} and {n:,} were asked for ({asked}); ask for fewer,"
+                " or write the samples to a .npy file, which is streamed to disk batch by batch for any number"
+            )
+
+    def check_forward(self, n: int, frames: int) -> None:
+        """Refuse a picture of the forward process larger than :data:`FORWARD_LIMITS` allows."""
+        if n < 1 or frames < 2:
+            raise DiffkitError(f"the forward process needs at least 1 example and 2 frames, got {n} and {frames}")
+        key = "points" if self.context.data_kind == "points" else "examples"
+        if n > FORWARD_LIMITS[key]:
+            raise DiffkitError(
+                f"a picture of the forward process shows at most {FORWARD_LIMITS[key]:,} {key}, and {n:,} were asked"
+                " for (--n); ask for fewer"
+            )
+        if frames > FORWARD_LIMITS["frames"]:
+            raise DiffkitError(
+                f"a picture of the forward process shows at most {FORWARD_LIMITS['frames']} timesteps, and {frames:,}"
+                " were asked for (--frames); ask for fewer"
+            )
+
     def picture(self, samples: Tensor, path: str | Path, title: str | None = None) -> Path:
         """Write ``samples`` (in data coordinates) as a PNG: a grid of images, or a scatter
         of points beside as many points of the training data."""
         from diffkit import plotting
 
+        self.check_picture(samples.shape[0])
         if self.context.data_kind == "images":
             return plotting.image_grid(samples, path)
         data = self.reference_data()
@@ -869,6 +988,139 @@ class Pipeline:
             f" objective={type(self.objective).__name__}, sampler={type(self.sampler).__name__},"
             f" sample_shape={self.context.sample_shape}, steps_trained={self.steps_trained})"
         )
+
+
+def write_npy(path: str | Path, batches: Iterable[Tensor], n: int, sample_shape: tuple[int, ...]) -> Path:
+    """Write ``n`` samples, given batch by batch, to a ``.npy`` file of float32 ``[n,
+    *sample_shape]``: each batch goes straight into a memory-mapped file (so memory holds
+    one batch whatever ``n``), written atomically (the file appears only once whole).
+    Refused before anything is written where the disk lacks the room."""
+    import shutil
+
+    import numpy as np
+
+    path = Path(path)
+    shape = (n, *sample_shape)
+    nbytes = 4 * math.prod(shape)
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise DiffkitError(
+            f"{path} would take {memory.format_bytes(nbytes)} ({n:,} samples of shape {tuple(sample_shape)}) and its disk"
+            f" has {memory.format_bytes(free)} free; ask for fewer samples, or write to another disk"
+        )
+
+    def write(tmp: Path) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        start = 0
+        for x in batches:
+            if start + x.shape[0] > n or tuple(x.shape[1:]) != tuple(sample_shape):
+                raise DiffkitError(f"a batch of shape {tuple(x.shape)} does not fit {n} samples of shape {tuple(sample_shape)}")
+            array[start : start + x.shape[0]] = x.numpy()
+            start += x.shape[0]
+        if start != n:
+            raise DiffkitError(f"{start} samples were drawn for the {n} of {path}")
+        array.flush()
+        del array
+
+    return checkpoint.atomic_write(path, write)
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a run directory, its fields checked: each problem is one message
+    naming the file and the field. Runs saved before weights had checksums (no
+    ``sha256``) read as having none to verify."""
+    meta = checkpoint.read_json(path)
+    if not isinstance(meta, dict):
+        raise DiffkitError(
+            f"{path} holds {_json_kind(meta)} where a JSON object of the run's metadata is expected; the file is"
+            " damaged: restore it, or save the run again"
+        )
+
+    def bad(field: str, expected: str) -> DiffkitError:
+        got = "missing" if field not in meta else f"{_json_kind(meta[field])} ({json.dumps(meta[field])[:60]})"
+        return DiffkitError(f"{path}: {field} must be {expected}, got {got}; the file is damaged: restore it, or save the run again")
+
+    def count(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    shape = meta.get("sample_shape")
+    if not isinstance(shape, list) or not all(count(d, 1) for d in shape):
+        raise bad("sample_shape", "a list of positive integers (the shape of one sample)")
+    if meta.get("num_classes") is not None and not count(meta["num_classes"], 0):
+        raise bad("num_classes", "an integer of at least 0, or null")
+    if meta.get("data_kind", "points") not in ("points", "images"):
+        raise bad("data_kind", "'points' or 'images'")
+    if not count(meta.get("steps_trained", 0), 0):
+        raise bad("steps_trained", "an integer of at least 0")
+    info = meta.get("classifier")
+    if info is not None and (
+        not isinstance(info, dict)
+        or not (info.get("steps_trained") is None or count(info["steps_trained"], 0))
+        or not isinstance(info.get("accuracy_by_t") or [], list)
+    ):
+        raise bad("classifier", "null or an object with steps_trained (an integer) and accuracy_by_t (a list)")
+    sums = {} if meta.get("sha256") is None else meta["sha256"]
+    if not isinstance(sums, dict) or not all(
+        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()
+    ):
+        raise bad("sha256", "an object of file names and their SHA-256 (64 hex digits)")
+    meta["sha256"] = sums
+    return meta
+
+
+LABEL_TENSORS = ("data.reference_labels",)
+"""Saved tensors that hold integer labels, not weights."""
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Refuse tensors that cannot be weights diffkit saved: integers or booleans where the
+    network (``expected``, by name) has floating-point values, or NaN or infinite values."""
+    for key, t in tensors.items():
+        want = expected.get(key)
+        if not t.is_floating_point():
+            if key in LABEL_TENSORS:
+                continue
+            if want is None or want.is_floating_point():
+                wanted = want.dtype if want is not None else "floating-point"
+                raise DiffkitError(
+                    f"{path}: tensor '{key}' is {t.dtype} where {wanted} values are expected; the file was not written"
+                    " by diffkit or is damaged: restore it, or train the run again"
+                )
+        elif not bool(torch.isfinite(t).all()):
+            raise DiffkitError(
+                f"{path}: tensor '{key}' holds NaN or infinite values, so every sample would be NaN; the file is damaged"
+                " or the training diverged: restore it, or train the run again (a lower train.lr)"
+            )
+
+
+def _standardisation(path: Path, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """``data.mean`` and ``data.std`` of a saved run, checked: both or neither, each of
+    one sample's shape, the std positive (NaN and infinity are refused before)."""
+    mean, std = tensors.get("data.mean"), tensors.get("data.std")
+    if mean is None and std is None:
+        return None, None
+    for name, t in (("data.mean", mean), ("data.std", std)):
+        if t is None:
+            other = "data.std" if name == "data.mean" else "data.mean"
+            raise DiffkitError(f"{path} has {other} but no {name}; the file is damaged: restore it, or train the run again")
+        if tuple(t.shape) != tuple(shape):
+            raise DiffkitError(
+                f"{path}: {name} has shape {tuple(t.shape)} but one sample of this run has shape {tuple(shape)}"
+                f" (sample_shape in {META_FILE}); the file is damaged: restore it, or train the run again"
+            )
+    assert std is not None
+    if not bool((std > 0).all()):
+        raise DiffkitError(
+            f"{path}: data.std has a value of 0 or less, which cannot standardise data; the file is damaged: restore it,"
+            " or train the run again"
+        )
+    return mean, std
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
