@@ -316,7 +316,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffkit import checkpoint, plotting
-    from diffkit.pipeline import Pipeline
+    from diffkit.pipeline import Pipeline, check_guidance_scale
 
     out = Path(args.out)
     if args.trajectory:
@@ -331,8 +331,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.guidance_scale is not None:
         if classes is None:
             raise DiffkitError("--guidance-scale needs --label: guidance steers toward the labels asked for")
-        if not args.guidance_scale >= 0:
-            raise DiffkitError(f"--guidance-scale must be at least 0, got {args.guidance_scale}")
+        check_guidance_scale(args.guidance_scale)
     registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
     labels = None
@@ -352,6 +351,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
+    clipped = pipe.last_clipped
+    if clipped:
+        print(
+            f"diffkit: the bound on x̂_0 (clip_denoised) was hit: {clipped:.2%} of the predicted x̂_0 values were"
+            " clipped to the data's range",
+            file=sys.stderr,
+        )
     if args.trajectory:
         _check_png(args.trajectory, "--trajectory")
         # images: a few rows to look at; points: enough of them to see the shape form
