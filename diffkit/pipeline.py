@@ -606,8 +606,9 @@ class Pipeline:
                     progress=progress,
                     callback=callback,
                 )
+                x = self.denormalize(x)
                 self._check_finite(x, guidance_scale, labelled=y is not None)
-                chunks.append(self.denormalize(x).cpu())
+                chunks.append(x.cpu())
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
     def _labels(self, labels: Labels, n: int) -> Tensor:
