@@ -354,8 +354,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     clipped = pipe.last_clipped
     if clipped:
         print(
-            f"diffkit: the bound on x̂_0 (clip_denoised) was hit: {clipped:.2%} of the predicted x̂_0 values were"
-            " clipped to the data's range",
+            f"diffkit: the bound on x̂_0 was hit: {clipped:.2%} of the predicted x̂_0 values were clipped to it"
+            " (sampler.clip_denoised; null turns it off)",
             file=sys.stderr,
         )
     if args.trajectory:

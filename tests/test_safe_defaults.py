@@ -206,8 +206,8 @@ def test_sample_reports_on_stderr_when_the_bound_was_hit(capsys, moons_run: Path
     share = moons.last_clipped
     assert share > 0
     assert err == (
-        f"diffkit: the bound on x̂_0 (clip_denoised) was hit: {share:.2%} of the predicted x̂_0 values were"
-        " clipped to the data's range\n"
+        f"diffkit: the bound on x̂_0 was hit: {share:.2%} of the predicted x̂_0 values were clipped to it"
+        " (sampler.clip_denoised; null turns it off)\n"
     )
     assert beyond(moons, torch.from_numpy(np.load(out))) == 0
 
