@@ -10,6 +10,7 @@ from diffkit.errors import ComponentLookupError, DiffkitError, PluginError, Spec
 from diffkit.hookspecs import API_VERSION, hookimpl
 from diffkit.interfaces import (
     BuildContext,
+    ClipDenoised,
     Dataset,
     Denoiser,
     Guidance,
@@ -48,6 +49,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "API_VERSION",
     "BuildContext",
+    "ClipDenoised",
     "Component",
     "ComponentLookupError",
     "Dataset",

@@ -49,11 +49,16 @@ SamplerChoice = str | Mapping[str, Any] | Sampler | None
 
 # -- shared plumbing -------------------------------------------------------------------------
 def _sampler(pipe: Any, sampler: SamplerChoice) -> Sampler:
+    """The sampler to run, and a fresh bound on x̂_0 for it on the pipeline (what ``_run``
+    applies and ``pipe.last_clipped`` reports)."""
     if sampler is None:
-        return pipe.sampler
-    if isinstance(sampler, (str, Mapping)):
-        return pipe.registry.build("sampler", sampler, pipe.context)
-    return sampler
+        chosen = pipe.sampler
+    elif isinstance(sampler, (str, Mapping)):
+        chosen = pipe.registry.build("sampler", sampler, pipe.context)
+    else:
+        chosen = sampler
+    pipe._bound = pipe.x0_bound(chosen)
+    return chosen
 
 
 def _batch(pipe: Any, x: Tensor | Any, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -109,8 +114,9 @@ def _run(
     x_start: Tensor | None = None,
     t_start: int | None = None,
 ) -> Tensor:
-    return chosen(
-        pipe.predictor(),
+    predict = pipe.predictor()
+    x = chosen(
+        predict if pipe._bound is None else pipe._bound(predict),
         pipe.schedule,
         shape,
         generator=generator,
@@ -121,6 +127,8 @@ def _run(
         x_start=x_start,
         t_start=t_start,
     )
+    pipe._check_finite(x)
+    return x
 
 
 def _noised(pipe: Any, x0: Tensor, t: int, generator: torch.Generator) -> Tensor:

@@ -322,7 +322,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffkit import plotting
-    from diffkit.pipeline import Pipeline, write_npy
+    from diffkit.pipeline import Pipeline, check_guidance_scale, write_npy
 
     out = Path(args.out)
     if args.trajectory:
@@ -337,8 +337,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.guidance_scale is not None:
         if classes is None:
             raise DiffkitError("--guidance-scale needs --label: guidance steers toward the labels asked for")
-        if not args.guidance_scale >= 0:
-            raise DiffkitError(f"--guidance-scale must be at least 0, got {args.guidance_scale}")
+        check_guidance_scale(args.guidance_scale)
     registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
     if classes is not None:
@@ -366,6 +365,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         samples = torch.cat([x for chunks in batches for x in chunks])
     seconds = time.perf_counter() - start
+    clipped = pipe.last_clipped
+    if clipped:
+        print(
+            f"diffkit: the bound on x̂_0 was hit: {clipped:.2%} of the predicted x̂_0 values were clipped to it"
+            " (sampler.clip_denoised; null turns it off)",
+            file=sys.stderr,
+        )
     if args.trajectory:
         _check_png(args.trajectory, "--trajectory")
         # images: a few rows to look at; points: enough of them to see the shape form

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import diffkit
 from diffkit import checkpoint, distributed, memory, rundir
+from diffkit import diffusion as D
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
@@ -65,7 +66,7 @@ from diffkit.train import (
 )
 from diffkit.train import _autocast, _summary_writer_class
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "check_guidance_scale"]
 
 Config = str | Mapping[str, Any] | BaseModel
 Labels = int | Sequence[int] | Tensor
@@ -166,6 +167,10 @@ class Pipeline:
         # Standardisation of point data, fitted on the training set (None for images).
         self.data_mean: Tensor | None = None
         self.data_std: Tensor | None = None
+        # [low, high] of the standardised training data per coordinate, widened (point data):
+        # the default bound on x̂_0 when sampling (diffkit.diffusion.data_range).
+        self.data_range: Tensor | None = None
+        self._bound: D.X0Bound | None = None  # the bound on x̂_0 of the last sampling call
         self._online: nn.Module | None = None  # the raw trained weights; self.denoiser holds their EMA
         self.steps_trained = 0
         self.classifier_steps_trained = 0  # of classifier guidance's classifier, where there is one
@@ -402,8 +407,11 @@ class Pipeline:
         outputs, found = (None, None) if out is None else self._outputs(Path(out), config, dist, resume, allow_spec_change)
         if found is not None and "data.mean" in found.tensors:
             self.data_mean, self.data_std = found.tensors["data.mean"], found.tensors["data.std"]
+            self.data_range = found.tensors.get("data.range", self.data_range)
         if outputs is not None and self.data_mean is not None and self.data_std is not None:
             outputs.checkpoint_tensors = {"data.mean": self.data_mean, "data.std": self.data_std}
+            if self.data_range is not None:
+                outputs.checkpoint_tensors["data.range"] = self.data_range
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
@@ -549,15 +557,18 @@ class Pipeline:
         return result
 
     def _fit_normalizer(self, dataset: Dataset) -> None:
-        """Standardise point data per coordinate, once, from the training set."""
-        if dataset.kind != "points" or self.data_mean is not None:
+        """Standardise point data per coordinate, once, from the training set, and record the
+        standardised data's range, widened, as the default bound on x̂_0."""
+        if dataset.kind != "points" or (self.data_mean is not None and self.data_range is not None):
             return
         tensors = dataset.tensors()
         if tensors is None:
             raise DiffkitError("point data must live in memory (Dataset.tensors()) to be standardised")
         x = tensors[0].double()
-        self.data_mean = x.mean(0).float()
-        self.data_std = x.std(0).clamp_min(1e-8).float()
+        if self.data_mean is None or self.data_std is None:
+            self.data_mean = x.mean(0).float()
+            self.data_std = x.std(0).clamp_min(1e-8).float()
+        self.data_range = D.data_range((x - self.data_mean.double()) / self.data_std.double()).float()
 
     def _normalize(self, x: Tensor) -> Tensor:
         assert self.data_mean is not None and self.data_std is not None
@@ -593,6 +604,68 @@ class Pipeline:
     def device(self) -> torch.device:
         p = next(self.denoiser.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+    def x0_bound(self, sampler: Sampler | None = None) -> D.X0Bound | None:
+        """The bound on x̂_0 that sampling with ``sampler`` (default: the pipeline's) applies
+        to every prediction, in model space, from its ``clip_denoised`` (``"auto"`` where it
+        has none); ``None`` for ``clip_denoised: null``.
+
+        ``"auto"``: images [−1, 1]; point data the standardised training data's range recorded
+        at training (:func:`diffkit.diffusion.data_range`), or ±:data:`diffkit.diffusion.FALLBACK_BOUND`
+        for a run that recorded none. A number c: [−c, c].
+        """
+        option = getattr(self.sampler if sampler is None else sampler, "clip_denoised", "auto")
+        if option is None:
+            return None
+        if option != "auto":
+            low, high = torch.tensor(-float(option)), torch.tensor(float(option))
+        elif self.context.data_kind == "images":
+            low, high = torch.tensor(-1.0), torch.tensor(1.0)
+        elif self.data_range is not None:
+            low, high = self.data_range[0], self.data_range[1]
+        else:
+            low, high = torch.tensor(-D.FALLBACK_BOUND), torch.tensor(D.FALLBACK_BOUND)
+        return D.X0Bound(self.schedule, low.to(self.device), high.to(self.device))
+
+    @property
+    def last_clipped(self) -> float | None:
+        """Share of the x̂_0 values predicted in the last :meth:`sample` (or application) call
+        that its bound moved; ``None`` where x̂_0 was not bounded (``clip_denoised: null``) or
+        nothing was sampled yet. ``diffkit sample`` reports it when it is above 0."""
+        return None if self._bound is None else self._bound.share
+
+    def _check_finite(self, x: Tensor, guidance_scale: float | None = None, labelled: bool = False) -> None:
+        """Refuse samples holding NaN or ±inf, naming the likely cause."""
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        if bool(finite.all()):
+            return
+        bad = int((~finite).sum())
+        nets = [("the denoiser's weights", self.denoiser)]
+        if self.classifier is not None:
+            nets.append(("classifier guidance's classifier", self.classifier))
+        cause = None
+        for what, net in nets:
+            for name, tensor in net.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    cause = (
+                        f"{what} hold NaN or infinite values ({name}): the run's weights are damaged or its"
+                        " training diverged; train again or use an earlier checkpoint"
+                    )
+                    break
+            if cause:
+                break
+        stats = [("data.mean", self.data_mean), ("data.std", self.data_std), ("data.range", self.data_range)]
+        for name, tensor in stats:
+            if cause is None and tensor is not None and not bool(torch.isfinite(tensor).all()):
+                cause = f"the run's {name} holds NaN or infinite values; train again"
+        if cause is None and labelled and self.guidance is not None:
+            scale = getattr(self.guidance, "scale", None) if guidance_scale is None else guidance_scale
+            cause = f"the guidance scale ({scale}) is likely too large for this model; try a smaller one"
+        if cause is None and self._bound is None:
+            cause = "x̂_0 was not bounded (clip_denoised: null); leave clip_denoised at its default, 'auto'"
+        if cause is None:
+            cause = "the sampler diverged; try more steps or another sampler"
+        raise DiffkitError(f"sampling produced NaN or infinite values in {bad} of {x.shape[0]} samples: {cause}")
 
     def sample(
         self,
@@ -664,6 +737,7 @@ class Pipeline:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
         if batch_size is not None and batch_size < 1:
             raise DiffkitError(f"the batch size must be at least 1, got {batch_size}")
+        check_guidance_scale(guidance_scale)
         if steps is not None and not 1 <= steps <= self.schedule.T:
             raise DiffkitError(f"steps must be between 1 and the schedule's T = {self.schedule.T}, got {steps}")
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
@@ -673,19 +747,21 @@ class Pipeline:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
         given = self.conditional_predictor()
+        bound = self._bound = self.x0_bound(chosen)
+        finish: Callable[[Predict], Predict] = bound if bound is not None else (lambda p: p)
         batch = batch_size or self.default_batch_size()
 
         def draw() -> Iterator[Tensor]:
-            predict = self.predictor()
+            predict = finish(self.predictor())
             self.denoiser.eval()
             for start in range(0, n, batch):
                 m = min(batch, n - start)
                 if y is not None:
                     y_chunk = y[start : start + m].to(device)
                     if steer is not None:  # an unguided override, steered by the pipeline's guidance
-                        predict = steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
+                        predict = finish(steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale))
                     else:
-                        predict = LabelledPredict(given, y_chunk, guidance_scale)
+                        predict = LabelledPredict(given, y_chunk, guidance_scale, finish)
                 with torch.inference_mode():
                     x = chosen(
                         predict,
@@ -697,7 +773,9 @@ class Pipeline:
                         progress=progress,
                         callback=callback,
                     )
-                    x = self.denormalize(x).cpu()
+                    x = self.denormalize(x)
+                    self._check_finite(x, guidance_scale, labelled=y is not None)
+                    x = x.cpu()
                 yield x
 
         return draw()
@@ -745,8 +823,6 @@ class Pipeline:
                     " guidance scale, or use sampler: {type: guided, guidance: {type: classifier-free}}"
                 )
             return None
-        if scale is not None and not scale >= 0:
-            raise DiffkitError(f"the guidance scale must be at least 0, got {scale}")
         if getattr(guidance, "requires_conditional_denoiser", False) and not conditional:
             raise DiffkitError(
                 f"{type(guidance).__name__} needs a denoiser trained with and without labels, but this one is"
@@ -824,6 +900,8 @@ class Pipeline:
         reference = self.reference_data()
         if reference is not None:
             tensors["data.reference"], tensors["data.reference_labels"] = reference
+        if self.data_range is not None:
+            tensors["data.range"] = self.data_range
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
         checksums = {WEIGHTS_FILE: checkpoint.sha256_file(directory / WEIGHTS_FILE)}
@@ -909,6 +987,14 @@ class Pipeline:
         self.data_mean, self.data_std = _standardisation(path, tensors, self.context.sample_shape)
         if "data.reference" in tensors and "data.reference_labels" in tensors:
             self._reference = (tensors["data.reference"], tensors["data.reference_labels"])
+        self.data_range = tensors.get("data.range")  # absent from runs saved before it was recorded
+        if self.data_range is not None and (
+            tuple(self.data_range.shape) != (2, *self.context.sample_shape) or not bool(torch.isfinite(self.data_range).all())
+        ):
+            raise DiffkitError(
+                f"data.range in {directory / WEIGHTS_FILE} must be finite and of shape"
+                f" {[2, *self.context.sample_shape]}, got {list(self.data_range.shape)}; the file is damaged: train again"
+            )
         self.denoiser.eval()
 
     def _load_classifier(self, directory: Path, meta: Mapping[str, Any]) -> None:
@@ -1121,6 +1207,14 @@ def _standardisation(path: Path, tensors: Mapping[str, Tensor], shape: tuple[int
             " or train the run again"
         )
     return mean, std
+
+
+def check_guidance_scale(scale: float | None) -> None:
+    """Refuse a guidance scale that is not a finite number ≥ 0 (``None``: the spec's)."""
+    if scale is not None and not (math.isfinite(scale) and scale >= 0):
+        raise DiffkitError(
+            f"the guidance scale must be a finite number of at least 0, got {scale}; 0 samples without guidance"
+        )
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
+from diffkit import ClipDenoised, Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
 from diffkit import diffusion as D
 
 DDIM_DEFAULT_STEPS = 50
@@ -34,9 +34,7 @@ class _FewStepParams(Params):
         " needs them ('logsnr' spends several steps at the very start of the cosine schedule, whose last SNRs are"
         " tiny).",
     )
-    clip_denoised: float | None = Field(
-        None, gt=0, description="Clip x̂_0 to [−c, c] at each step (1.0 suits images in [−1, 1]); null disables."
-    )
+    clip_denoised: ClipDenoised = "auto"
 
 
 class DDIMParams(_FewStepParams):
@@ -69,15 +67,6 @@ class DPMSolverParams(_FewStepParams):
     )
 
 
-def _denoise(eps: Tensor, x: Tensor, abar_t: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
-    """x̂_0 from ε̂, clipped to [−c, c] if asked, and the ε̂ consistent with the clipped x̂_0."""
-    x0 = D.eps_to_x0(eps, x, abar_t)
-    if clip is None:
-        return x0, eps
-    x0.clamp_(-clip, clip)
-    return x0, D.x0_to_eps(x0, x, abar_t)
-
-
 class DDIM:
     """x_s = √ᾱ_s x̂_0 + √(1 − ᾱ_s − σ²) ε̂ + σ z,
     σ = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s)  (Song et al. 2021, Eq. 12 and 16).
@@ -90,6 +79,7 @@ class DDIM:
 
     def __init__(self, params: DDIMParams) -> None:
         self.params = params
+        self.clip_denoised = params.clip_denoised  # the core bounds x̂_0 (diffkit.ClipDenoised)
 
     def __call__(
         self,
@@ -117,7 +107,8 @@ class DDIM:
             s = ts[i + 1] if i + 1 < len(ts) else -1
             a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
             t_b = torch.full((n,), t, device=device, dtype=torch.long)
-            x0, eps = _denoise(predict(x, t_b), x, schedule.alpha_bar(t_b, x), p.clip_denoised)
+            eps = predict(x, t_b)
+            x0 = D.eps_to_x0(eps, x, schedule.alpha_bar(t_b, x))
             var = p.eta**2 * (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
             x = torch.add(x0.mul_(math.sqrt(a_s)), eps, alpha=math.sqrt(max(1.0 - a_s - var, 0.0)))
             if var > 0:
@@ -142,6 +133,7 @@ class DPMSolver:
 
     def __init__(self, params: DPMSolverParams) -> None:
         self.params = params
+        self.clip_denoised = params.clip_denoised  # the core bounds x̂_0 (diffkit.ClipDenoised)
 
     def __call__(
         self,
@@ -170,7 +162,7 @@ class DPMSolver:
         for i, t in enumerate(tqdm(ts, desc="dpm-solver", disable=not progress, leave=False)):
             s = ts[i + 1] if i + 1 < len(ts) else -1
             t_b = torch.full((n,), t, device=device, dtype=torch.long)
-            x0, _ = _denoise(predict(x, t_b), x, schedule.alpha_bar(t_b, x), p.clip_denoised)
+            x0 = D.eps_to_x0(predict(x, t_b), x, schedule.alpha_bar(t_b, x))
             if s < 0:  # σ_s = 0: the step lands on x̂_0 itself
                 x = x0
             else:

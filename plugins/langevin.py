@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, DiffkitError, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
+from diffkit import ClipDenoised, Component, DiffkitError, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
 from diffkit import diffusion as D
 
 __all__ = ["SGLD", "SGLDParams", "PredictorCorrector", "PCParams", "noise_levels", "step_sizes", "StepSizeError"]
@@ -86,6 +86,7 @@ class SGLDParams(Params):
         " (Efron 2011; Jolicoeur-Martineau et al. 2021); false returns the last Langevin state, a draw of"
         " p_{t_L} that still carries noise of scale σ_L.",
     )
+    clip_denoised: ClipDenoised = "auto"
 
 
 def noise_levels(
@@ -147,6 +148,7 @@ class SGLD:
 
     def __init__(self, params: SGLDParams) -> None:
         self.params = params
+        self.clip_denoised = params.clip_denoised  # the core bounds x̂_0 (diffkit.ClipDenoised)
 
     def __call__(
         self,
@@ -234,6 +236,7 @@ class PCParams(Params):
         description="Signal-to-noise ratio r that sets the corrector's step ε = 2α (r‖z‖/‖∇log p‖)²"
         " (Song et al. 2021, Alg. 5; 0.16 is their choice).",
     )
+    clip_denoised: ClipDenoised = "auto"
 
 
 class PredictorCorrector:
@@ -257,6 +260,7 @@ class PredictorCorrector:
 
     def __init__(self, params: PCParams) -> None:
         self.params = params
+        self.clip_denoised = params.clip_denoised  # the core bounds x̂_0 (diffkit.ClipDenoised)
 
     def __call__(
         self,

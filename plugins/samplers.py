@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit import Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
+from diffkit import ClipDenoised, Component, Params, Predict, Schedule, Spacing, StepCallback, hookimpl, initial_state, report
 
 
 class DDPMParams(Params):
@@ -28,9 +28,7 @@ class DDPMParams(Params):
     spacing: Spacing = Field(
         "linspace", description="How the visited timesteps are chosen when steps < T."
     )
-    clip_denoised: float | None = Field(
-        None, gt=0, description="Clip x̂_0 to [−c, c] at each step (1.0 suits images in [−1, 1]); null disables."
-    )
+    clip_denoised: ClipDenoised = "auto"
 
 
 class DDPM:
@@ -43,6 +41,7 @@ class DDPM:
 
     def __init__(self, params: DDPMParams) -> None:
         self.params = params
+        self.clip_denoised = params.clip_denoised  # the core bounds x̂_0 (diffkit.ClipDenoised)
 
     def __call__(
         self,
@@ -71,13 +70,9 @@ class DDPM:
             alpha_ts = a_t / a_s
             beta_ts = 1.0 - alpha_ts
             eps = predict(x, torch.full((n,), t, device=device, dtype=torch.long))
-            if p.clip_denoised is None:
-                x = torch.add(x, eps, alpha=-beta_ts / math.sqrt(1.0 - a_t)).mul_(1.0 / math.sqrt(alpha_ts))
-            else:  # posterior mean with the clipped x̂_0 (Ho et al. 2020, Eq. 7)
-                x0 = torch.add(x, eps, alpha=-math.sqrt(1.0 - a_t)).div_(math.sqrt(a_t)).clamp_(-p.clip_denoised, p.clip_denoised)
-                c0 = math.sqrt(a_s) * beta_ts / (1.0 - a_t)
-                ct = math.sqrt(alpha_ts) * (1.0 - a_s) / (1.0 - a_t)
-                x = torch.add(x0.mul_(c0), x, alpha=ct)
+            # the posterior mean of Eq. 7 written in ε̂ (Eq. 11); with ε̂ from a bounded x̂_0 it is
+            # the posterior mean of that x̂_0
+            x = torch.add(x, eps, alpha=-beta_ts / math.sqrt(1.0 - a_t)).mul_(1.0 / math.sqrt(alpha_ts))
             if s >= 0:
                 var = beta_ts if p.variance == "beta" else (1.0 - a_s) / (1.0 - a_t) * beta_ts
                 z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
