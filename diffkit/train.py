@@ -454,10 +454,8 @@ def _checkpoint_fits(resume: TrainingCheckpoint) -> Iterator[None]:
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
         if "out of memory" in str(exc).lower():
             raise
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        if isinstance(exc, KeyError):
-            first = f"no tensor {text}"
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        first = (f"no tensor {text}" if isinstance(exc, KeyError) else text or type(exc).__name__)[:300]
         raise DiffkitError(
             f"{resume.path.with_suffix('.safetensors')} does not fit the network and optimiser this spec builds"
             f" ({first}); the checkpoint is damaged: move {resume.name}.* aside to resume from an earlier one, or"
@@ -548,7 +546,10 @@ def train(
         with _checkpoint_fits(resume):
             _restore(resume, online, ema, opt, scaler, config)
             window, skipped = saved["window"], saved["skipped"]
-            losses[:window] = resume.tensors[f"losses.rank{dist.rank}"].to(device)
+            kept = resume.tensors[f"losses.rank{dist.rank}"]
+            if kept.shape != (window,) or window > config.log_every:
+                raise ValueError(f"losses.rank{dist.rank} has shape {tuple(kept.shape)} for a window of {window} losses")
+            losses[:window] = kept.to(device)
         last_checkpoint = resume.path
         if out.metrics is not None:
             history = out.metrics.rewind(saved["step"])
