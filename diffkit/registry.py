@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import pluggy
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from diffkit import hookspecs
 from diffkit.errors import ComponentLookupError, PluginError, SpecError
@@ -27,7 +27,12 @@ KINDS: tuple[str, ...] = tuple(hookspecs.HOOKS)
 
 # what torch's generators take: a 64-bit signed integer
 SEED_RANGE = (-(2**63), 2**63 - 1)
-Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+Seed = Annotated[
+    int,
+    # a whole float too large for pydantic's integers (1e30) is compared with the range, not misparsed
+    BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v),
+    Field(ge=SEED_RANGE[0], le=SEED_RANGE[1]),
+]
 """The type of a seed parameter: an integer torch's generators accept (64-bit signed)."""
 
 

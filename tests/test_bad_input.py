@@ -57,9 +57,13 @@ SPEC_FILES: dict[str, tuple[str, bytes, list[str]]] = {
         (GOOD + "sampler: {type: guided, base: {type: [ddim]}, guidance: {type: classifier-free}}\n").encode(),
         ["sampler.base.type: must be a component's name, got a list"],
     ),
-    "seed 1e30 json": ("spec.json", b'{"seed": 1e30, "data": "moons", "denoiser": "mlp"}', ["  seed: "]),
-    "seed 1.0e+30 yaml": ("spec.yaml", GOOD.replace("seed: 0", "seed: 1.0e+30").encode(), ["  seed: "]),
-    "seed 2**64": ("spec.yaml", GOOD.replace("seed: 0", f"seed: {2**64}").encode(), ["  seed: "]),
+    "seed 1e30 json": (
+        "spec.json",
+        b'{"seed": 1e30, "data": "moons", "denoiser": "mlp"}',
+        ["  seed: Input should be less than or equal to 9223372036854775807"],
+    ),
+    "seed 1.0e+30 yaml": ("spec.yaml", GOOD.replace("seed: 0", "seed: 1.0e+30").encode(), ["  seed: Input should be less than or equal to"]),
+    "seed 2**64": ("spec.yaml", GOOD.replace("seed: 0", f"seed: {2**64}").encode(), ["  seed: Input should be less than or equal to"]),
     "data seed 2**64": (
         "spec.yaml",
         GOOD.replace("n: 256}", f"n: 256, seed: {2**64}}}").encode(),
