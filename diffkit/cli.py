@@ -531,7 +531,8 @@ def error_message(exc: BaseException) -> str:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         return f"{exc.strerror or exc}{where}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first or 'no message'} (an unexpected failure; rerun with --debug for the traceback)"
+    unexpected = "an unexpected failure; rerun with --debug for the traceback"
+    return f"{type(exc).__name__}: {first or 'no message'} ({unexpected})"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

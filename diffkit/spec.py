@@ -305,7 +305,8 @@ def build_section(kind: str, section: Any, ctx: BuildContext, path: str) -> Any:
     tag = section.get("type") if isinstance(section, Mapping) else None
     if not isinstance(tag, str):
         what = "needs a 'type'" if tag is None else f"type must be a component's name, got a {type(tag).__name__}"
-        raise SpecError([(path if tag is None else f"{path}.type", f"{what}: one of {', '.join(sorted(registry.tags(kind)))}")])
+        choices = ", ".join(sorted(registry.tags(kind)))
+        raise SpecError([(path if tag is None else f"{path}.type", f"{what}: one of {choices}")])
     try:
         entry = registry.get(kind, str(tag))
     except ComponentLookupError as exc:
@@ -689,11 +690,9 @@ def _parse(path: Path) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise SpecError(
-            [("", f"not UTF-8 text: byte {exc.start} (line {line}) is {raw[exc.start:exc.start + 1]!r}; save it as UTF-8")],
-            str(path),
-        ) from None
+        line, bad = raw.count(b"\n", 0, exc.start) + 1, raw[exc.start : exc.start + 1]
+        problem = f"not UTF-8 text: byte {exc.start} (line {line}) is {bad!r}; save it as UTF-8"
+        raise SpecError([("", problem)], str(path)) from None
     try:
         if suffix in (".yaml", ".yml"):
             return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)

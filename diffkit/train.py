@@ -435,9 +435,8 @@ def _restore(
             for name, value in opt.state.get(p, {}).items():
                 want = () if name == "step" else p.shape
                 if isinstance(value, Tensor) and value.shape != want:
-                    raise ValueError(
-                        f"optimizer state '{name}' has shape {tuple(value.shape)} for a parameter of shape {tuple(want)}"
-                    )
+                    shapes = f"{tuple(value.shape)} for a parameter of shape {tuple(want)}"
+                    raise ValueError(f"optimizer state '{name}' has shape {shapes}")
     for group in opt.param_groups:  # a resumed run may have been allowed another lr or weight decay
         group["lr"], group["weight_decay"] = config.lr, config.weight_decay
     if scaler is not None and saved.get("scaler"):
@@ -548,7 +547,8 @@ def train(
             window, skipped = saved["window"], saved["skipped"]
             kept = resume.tensors[f"losses.rank{dist.rank}"]
             if kept.shape != (window,) or window > config.log_every:
-                raise ValueError(f"losses.rank{dist.rank} has shape {tuple(kept.shape)} for a window of {window} losses")
+                name = f"losses.rank{dist.rank}"
+                raise ValueError(f"{name} has shape {tuple(kept.shape)} for a window of {window} losses")
             losses[:window] = kept.to(device)
         last_checkpoint = resume.path
         if out.metrics is not None:
