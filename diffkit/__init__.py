@@ -25,7 +25,7 @@ from diffkit.interfaces import (
     report,
 )
 from diffkit.plugins import get_registry, load_plugins, set_registry
-from diffkit.registry import Component, Params, Registry
+from diffkit.registry import Component, Params, Registry, Seed
 
 __version__ = "0.1.0"
 
@@ -64,6 +64,7 @@ __all__ = [
     "Registry",
     "Sampler",
     "Schedule",
+    "Seed",
     "Spacing",
     "SpecError",
     "StepCallback",

@@ -87,7 +87,9 @@ def _generator(pipe: Any, seed: int | None) -> torch.Generator:
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        from diffkit.spec import check_seed
+
+        g.manual_seed(check_seed(seed))
     return g
 
 

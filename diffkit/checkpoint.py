@@ -19,9 +19,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import safetensors.torch
+from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -37,6 +38,7 @@ __all__ = [
     "load_tensors",
     "sha256_file",
     "read_json",
+    "read_text",
     "TrainingCheckpoint",
     "CheckpointDir",
     "CHECKPOINT_FORMAT",
@@ -121,18 +123,38 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file of a run directory; a :class:`DiffkitError` naming the file and
+    the first bad byte if it is not UTF-8 (damaged)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DiffkitError(
+            f"{path} is not UTF-8 text (byte {exc.start}, line {line}: {raw[exc.start:exc.start + 1]!r}); the file is"
+            " damaged"
+        ) from None
+
+
+def parse_json(path: Path, text: str) -> Any:
+    """``json.loads(text)`` with errors that name ``path``, the file it came from."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DiffkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is damaged") from None
+    except RecursionError:
+        raise DiffkitError(f"{path} is nested too deeply to be a diffkit file; the file is damaged") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = read_text(path)
     except FileNotFoundError:
         raise DiffkitError(f"{path} is missing; is {path.parent} a diffkit run directory?") from None
-    except json.JSONDecodeError as exc:
-        raise DiffkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is damaged") from None
-    except UnicodeDecodeError:
-        raise DiffkitError(f"{path} is not UTF-8 text; the file is damaged") from None
-    except RecursionError:
-        raise DiffkitError(f"{path} is nested too deeply to be a diffkit file; the file is damaged") from None
+    return parse_json(path, text)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -172,6 +194,27 @@ def load_tensors(path: str | Path, sha256: str | None = None) -> dict[str, Tenso
 
 # -- training checkpoints ----------------------------------------------------------------
 _NAME = re.compile(r"^step-(\d{8,})\.(safetensors|json)$")
+
+
+_Count = Annotated[int, Field(ge=0, strict=True)]
+
+
+class _OptimizerRecord(BaseModel):
+    param_groups: list[dict[str, Any]]
+    scalars: dict[Annotated[str, Field(pattern=r"^\d+\..+$")], Any]
+
+
+class _TrainRecord(BaseModel):
+    """The ``train`` record of a checkpoint's JSON: where training stands (see :func:`diffkit.train.train`)."""
+
+    step: _Count
+    batches: _Count
+    ema_updates: _Count
+    window: _Count
+    skipped: _Count
+    world_size: Annotated[int, Field(ge=1, strict=True)]
+    optimizer: _OptimizerRecord
+    scaler: dict[str, Any] | None = None
 
 
 @dataclass
@@ -252,15 +295,21 @@ class CheckpointDir:
         missing, truncated or otherwise damaged."""
         tensor_path, json_path = self.paths(step)
         try:
-            state = json.loads(json_path.read_text(encoding="utf-8"))
+            state = parse_json(json_path, read_text(json_path))
         except FileNotFoundError:
             raise DiffkitError(f"{json_path} is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DiffkitError(f"{json_path} is not valid JSON ({exc}); it is truncated or damaged") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("step") != step:
             raise DiffkitError(f"{json_path} is not a diffkit training checkpoint of step {step}")
         if not isinstance(state.get("tensors"), dict) or not isinstance(state.get("train"), dict):
             raise DiffkitError(f"{json_path} lacks its 'tensors' or 'train' record; it is damaged")
+        try:
+            _TrainRecord.model_validate(state["train"])
+        except ValidationError as err:
+            e = err.errors()[0]
+            where = ".".join(str(p) for p in ("train", *e["loc"]))
+            raise DiffkitError(f"{json_path} is damaged: {where}: {e['msg']}") from None
+        if state["train"]["step"] != step:
+            raise DiffkitError(f"{json_path} is damaged: train.step is {state['train']['step']}, not {step}")
         expected = state.get("tensors", {})
         try:
             blob = tensor_path.read_bytes()

@@ -12,6 +12,7 @@ import json
 import pkgutil
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and sample diffusion models composed from plugins, declared in a spec file.",
     )
     parser.add_argument("--version", action="version", version=f"diffkit {_version()}")
+    debug = "on an error, print its traceback before the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("plugins", help="list installed plugins and their components")
@@ -163,7 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     for info in sorted(pkgutil.iter_modules(diffkit.commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"diffkit.commands.{info.name}").register(sub)
+    for command in sub.choices.values():  # --debug goes before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+        for action in command._actions:
+            if action.dest == "seed":  # every command's --seed is a seed torch takes
+                action.type = _seed
     return parser
+
+
+def _seed(text: str) -> int:
+    from diffkit.errors import SpecError
+    from diffkit.spec import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got '{text}'") from None
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(exc.problems[0][1]) from None
 
 
 def _version() -> str:
@@ -494,16 +514,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DiffkitError as exc:
-        print(f"diffkit: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("diffkit: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"diffkit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"diffkit: error: {error_message(exc)}", file=sys.stderr)
         return 1
+
+
+def error_message(exc: BaseException) -> str:
+    """What the command line prints for an exception that ended a command: a
+    :class:`DiffkitError`'s own message, else one line saying what failed (``--debug``
+    shows the traceback)."""
+    if isinstance(exc, DiffkitError):
+        return str(exc)
+    if _out_of_memory(exc):
+        return (
+            "out of memory; pass a smaller --batch-size (or train.batch_size in the spec), or use a smaller"
+            " network"
+        )
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text (byte {exc.start}: {exc.reason}); rerun with --debug to see which"
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to read; rerun with --debug to see which"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return f"{exc.strerror or exc}{where}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    unexpected = "an unexpected failure; rerun with --debug for the traceback"
+    return f"{type(exc).__name__}: {first or 'no message'} ({unexpected})"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, (MemoryError, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,7 @@ from diffkit.spec import (
     SECTIONS,
     Spec,
     TrainConfig,
+    check_seed,
     dump_spec,
     iter_sections,
     load_spec,
@@ -145,7 +146,7 @@ class Pipeline:
         check_requirements(requires)
         self.requires = tuple(requires)
         self.registry = registry or get_registry()
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(train or {})
         self._dataset: Dataset | None = None
         self._data_config: dict[str, Any] | None = None
@@ -745,7 +746,7 @@ class Pipeline:
         y = None if labels is None else self._labels(labels, n)
         steer = self._steering(chosen, y, guidance_scale)
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        generator.manual_seed(check_seed(seed)) if seed is not None else generator.seed()
         given = self.conditional_predictor()
         bound = self._bound = self.x0_bound(chosen)
         finish: Callable[[Predict], Predict] = bound if bound is not None else (lambda p: p)
@@ -879,7 +880,7 @@ class Pipeline:
     def forward_process(self, x0: Tensor, timesteps: list[int], seed: int = 0) -> Tensor:
         """Draws of q(x_t | x_0) for each of ``timesteps`` from data ``x0`` (in data
         coordinates), as ``[len(timesteps), N, ...]`` in data coordinates."""
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(check_seed(seed))
         if self.context.data_kind == "points" and self.data_mean is None:
             self._fit_normalizer(self.dataset)
         z = self._normalize(x0) if self.data_mean is not None else x0

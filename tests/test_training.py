@@ -199,17 +199,22 @@ def test_a_damaged_checkpoint_json_is_passed_over(tmp_path):
     assert result.resumed_from == 20
 
 
+def train_state(step: int) -> dict:
+    """The JSON state of a checkpoint of ``step`` as training writes it, with no optimiser state."""
+    train = {"step": step, "batches": step, "ema_updates": step, "window": 0, "skipped": 0, "world_size": 1}
+    return {"train": {**train, "optimizer": {"param_groups": [], "scalars": {}}, "scaler": None}}
+
+
 def test_checkpoints_newer_than_the_one_resumed_from_are_dropped_not_the_good_ones(tmp_path):
     checkpoints = CheckpointDir(tmp_path, keep=2)
-    state = {"train": {"step": 0}}
     for step in (300, 400):
-        checkpoints.write(step, {"w": torch.full((3,), float(step))}, state)
+        checkpoints.write(step, {"w": torch.full((3,), float(step))}, train_state(step))
     checkpoints.paths(400)[0].write_bytes(b"damaged")
     assert checkpoints.latest(lambda msg: None).step == 300  # a run resumes from 300 ...
-    checkpoints.write(310, {"w": torch.zeros(3)}, state)  # ... and writes its next checkpoint
+    checkpoints.write(310, {"w": torch.zeros(3)}, train_state(310))  # ... and writes its next checkpoint
     assert checkpoints.steps() == [310, 300]  # the unusable 400 is gone, the good 300 kept
     checkpoints.keep = 1
-    checkpoints.write(320, {"w": torch.ones(3)}, state)
+    checkpoints.write(320, {"w": torch.ones(3)}, train_state(320))
     assert checkpoints.steps() == [320] and checkpoints.read(320).step == 320
 
 
