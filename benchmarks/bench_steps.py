@@ -184,7 +184,7 @@ def moons(args: argparse.Namespace) -> dict[str, Any]:
                     f" {'exact draws' if oracle else f'{reference_steps}-step DDPM'} ({verdict} the 1.25× goal)"
                 )
             if extra:
-                d = distances(pipe, {"type": name}, 20, m)
+                d = distances(pipe, {"type": name, "clip_denoised": None}, 20, m)
                 verdicts[f"{name} unclipped"] = statistics.mean(d) / statistics.mean(ref)
                 print(f"  {label}: {name} at 20 steps without clipping: SW2 {statistics.mean(d):.4f}")
         results["models"][label] = {"table": table, "spacings_at_20": by_spacing, "ratio_at_20": verdicts}

@@ -10,6 +10,7 @@ from diffkit.errors import ComponentLookupError, DiffkitError, PluginError, Spec
 from diffkit.hookspecs import API_VERSION, hookimpl
 from diffkit.interfaces import (
     BuildContext,
+    ClipDenoised,
     Dataset,
     Denoiser,
     Guidance,
@@ -25,8 +26,8 @@ from diffkit.interfaces import (
 )
 from diffkit.plugins import get_registry, load_plugins, set_registry
 from diffkit.process import Process
+from diffkit.registry import Component, Params, Registry, Seed
 from diffkit.sampling import Denoised, StepContext, StepSamplerBase
-from diffkit.registry import Component, Params, Registry
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "API_VERSION",
     "BuildContext",
+    "ClipDenoised",
     "Component",
     "ComponentLookupError",
     "Dataset",
@@ -66,6 +68,7 @@ __all__ = [
     "Registry",
     "Sampler",
     "Schedule",
+    "Seed",
     "Spacing",
     "SpecError",
     "StepCallback",

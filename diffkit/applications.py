@@ -27,6 +27,7 @@ from torch import Tensor
 
 from diffkit import diffusion as D
 from diffkit.errors import DiffkitError
+from diffkit.sampling import is_step_sampler
 from diffkit.interfaces import Sampler, StepCallback
 
 __all__ = [
@@ -49,11 +50,21 @@ SamplerChoice = str | Mapping[str, Any] | Sampler | None
 
 # -- shared plumbing -------------------------------------------------------------------------
 def _sampler(pipe: Any, sampler: SamplerChoice) -> Sampler:
+    """The sampler to run, and a fresh bound on x̂_0 for it on the pipeline (what ``_run``
+    applies and ``pipe.last_clipped`` reports)."""
+    if not pipe.schedule.discrete:
+        raise DiffkitError(
+            "inpainting, SDEdit and ILVR walk a discrete table's integer timesteps, and this model's process is"
+            " continuous; train with schedule linear or cosine to use them"
+        )
     if sampler is None:
-        return pipe.sampler
-    if isinstance(sampler, (str, Mapping)):
-        return pipe.registry.build("sampler", sampler, pipe.context)
-    return sampler
+        chosen = pipe.sampler
+    elif isinstance(sampler, (str, Mapping)):
+        chosen = pipe.registry.build("sampler", sampler, pipe.context)
+    else:
+        chosen = sampler
+    pipe._bound = pipe.x0_bound(chosen)
+    return chosen
 
 
 def _batch(pipe: Any, x: Tensor | Any, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -82,7 +93,9 @@ def _generator(pipe: Any, seed: int | None) -> torch.Generator:
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        from diffkit.spec import check_seed
+
+        g.manual_seed(check_seed(seed))
     return g
 
 
@@ -109,18 +122,23 @@ def _run(
     x_start: Tensor | None = None,
     t_start: int | None = None,
 ) -> Tensor:
-    return chosen(
-        pipe.predictor(),
-        pipe.schedule,
+    predict = None
+    if not is_step_sampler(chosen):  # a 0.1 sampler: the bound wraps its ε̂
+        predict = pipe.predictor() if pipe._bound is None else pipe._bound(pipe.predictor())
+    x = pipe.run_sampler(
+        chosen,
         shape,
+        predict=predict,
+        bound=pipe._bound,
         generator=generator,
         steps=steps,
-        device=pipe.device,
         progress=progress,
         callback=callback,
         x_start=x_start,
         t_start=t_start,
     )
+    pipe._check_finite(x)
+    return x
 
 
 def _noised(pipe: Any, x0: Tensor, t: int, generator: torch.Generator) -> Tensor:

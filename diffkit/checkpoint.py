@@ -19,9 +19,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import safetensors.torch
+from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -30,11 +31,14 @@ from diffkit.errors import DiffkitError
 
 __all__ = [
     "atomic_write",
+    "remove_stale_tmp",
     "write_text",
     "write_json",
     "save_tensors",
     "load_tensors",
+    "sha256_file",
     "read_json",
+    "read_text",
     "TrainingCheckpoint",
     "CheckpointDir",
     "CHECKPOINT_FORMAT",
@@ -43,19 +47,60 @@ __all__ = [
 CHECKPOINT_FORMAT = "diffkit-train-checkpoint-1"
 
 
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+"""The temporary files :func:`atomic_write` writes beside a file: ``.NAME.PID.RANDOM.tmp``."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: str | Path, name: str | None = None) -> None:
+    """Delete the temporary files in ``directory`` (those of ``name`` only, if given) that
+    :func:`atomic_write` left when its process was killed (their process no longer runs)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        m = TMP_NAME.match(entry.name)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            entry.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it
-    over ``path``: readers see the old file or the new one, never half of one."""
+    over ``path``: readers see the old file or the new one, never half of one. The file
+    gets the permissions the umask gives a new file, and an error names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(path.parent, path.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DiffkitError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is 0600; a file written in place would follow the umask
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DiffkitError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -78,14 +123,38 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file of a run directory; a :class:`DiffkitError` naming the file and
+    the first bad byte if it is not UTF-8 (damaged)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DiffkitError(
+            f"{path} is not UTF-8 text (byte {exc.start}, line {line}: {raw[exc.start:exc.start + 1]!r}); the file is"
+            " damaged"
+        ) from None
+
+
+def parse_json(path: Path, text: str) -> Any:
+    """``json.loads(text)`` with errors that name ``path``, the file it came from."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DiffkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is damaged") from None
+    except RecursionError:
+        raise DiffkitError(f"{path} is nested too deeply to be a diffkit file; the file is damaged") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = read_text(path)
     except FileNotFoundError:
         raise DiffkitError(f"{path} is missing; is {path.parent} a diffkit run directory?") from None
-    except json.JSONDecodeError as exc:
-        raise DiffkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is damaged") from None
+    return parse_json(path, text)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -94,19 +163,58 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[st
     return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
 
 
-def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """Load a safetensors file, with an error that names the file if it is missing or damaged."""
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tensors(path: str | Path, sha256: str | None = None) -> dict[str, Tensor]:
+    """Load a safetensors file, with an error that names the file if it is missing or
+    damaged, or (given ``sha256``) if its bytes are not the ones recorded when it was saved."""
     path = Path(path)
     if not path.is_file():
         raise DiffkitError(f"{path} is missing; is {path.parent} a diffkit run directory?")
     try:
-        return load_file(str(path))
+        if sha256 is None:
+            return load_file(str(path))
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            raise DiffkitError(
+                f"{path} is damaged or truncated: its SHA-256 is not the one recorded in meta.json when it was saved"
+                " (the file was changed since); restore it, or train the run again"
+            )
+        return safetensors.torch.load(blob)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DiffkitError(f"{path} is not a readable safetensors file ({exc}); the file is damaged or truncated") from None
 
 
 # -- training checkpoints ----------------------------------------------------------------
 _NAME = re.compile(r"^step-(\d{8,})\.(safetensors|json)$")
+
+
+_Count = Annotated[int, Field(ge=0, strict=True)]
+
+
+class _OptimizerRecord(BaseModel):
+    param_groups: list[dict[str, Any]]
+    scalars: dict[Annotated[str, Field(pattern=r"^\d+\..+$")], Any]
+
+
+class _TrainRecord(BaseModel):
+    """The ``train`` record of a checkpoint's JSON: where training stands (see :func:`diffkit.train.train`)."""
+
+    step: _Count
+    batches: _Count
+    ema_updates: _Count
+    window: _Count
+    skipped: _Count
+    world_size: Annotated[int, Field(ge=1, strict=True)]
+    optimizer: _OptimizerRecord
+    scaler: dict[str, Any] | None = None
 
 
 @dataclass
@@ -187,15 +295,21 @@ class CheckpointDir:
         missing, truncated or otherwise damaged."""
         tensor_path, json_path = self.paths(step)
         try:
-            state = json.loads(json_path.read_text(encoding="utf-8"))
+            state = parse_json(json_path, read_text(json_path))
         except FileNotFoundError:
             raise DiffkitError(f"{json_path} is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DiffkitError(f"{json_path} is not valid JSON ({exc}); it is truncated or damaged") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("step") != step:
             raise DiffkitError(f"{json_path} is not a diffkit training checkpoint of step {step}")
         if not isinstance(state.get("tensors"), dict) or not isinstance(state.get("train"), dict):
             raise DiffkitError(f"{json_path} lacks its 'tensors' or 'train' record; it is damaged")
+        try:
+            _TrainRecord.model_validate(state["train"])
+        except ValidationError as err:
+            e = err.errors()[0]
+            where = ".".join(str(p) for p in ("train", *e["loc"]))
+            raise DiffkitError(f"{json_path} is damaged: {where}: {e['msg']}") from None
+        if state["train"]["step"] != step:
+            raise DiffkitError(f"{json_path} is damaged: train.step is {state['train']['step']}, not {step}")
         expected = state.get("tensors", {})
         try:
             blob = tensor_path.read_bytes()
@@ -227,11 +341,9 @@ class CheckpointDir:
         if not self.directory.is_dir():
             return
         for entry in self.directory.iterdir():
-            if _NAME.match(entry.name) or (entry.name.startswith(".step-") and entry.name.endswith(".tmp")):
+            if _NAME.match(entry.name) or (entry.name.startswith(".step-") and TMP_NAME.match(entry.name)):
                 entry.unlink(missing_ok=True)
 
     def remove_leftovers(self) -> None:
         """Delete the temporary files of writes a crash interrupted."""
-        if self.directory.is_dir():
-            for entry in self.directory.glob(".step-*.tmp"):
-                entry.unlink(missing_ok=True)
+        remove_stale_tmp(self.directory)

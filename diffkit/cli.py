@@ -12,6 +12,7 @@ import json
 import pkgutil
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and sample diffusion models composed from plugins, declared in a spec file.",
     )
     parser.add_argument("--version", action="version", version=f"diffkit {_version()}")
+    debug = "on an error, print its traceback before the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("plugins", help="list installed plugins and their components")
@@ -92,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override train.device")
-    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out, or start an unfinished one over")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in --out: after checking the spec, device and data, move what it holds aside to the sibling"
+        " DIR.old-<time> (nothing is deleted)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -121,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the sampler's noise (default: random)")
     p.add_argument("--sampler", help="use this registered sampler, with its default parameters, instead of the spec's")
     p.add_argument("--steps", type=int, help="number of reverse steps (default: the sampler's)")
-    p.add_argument("--batch-size", type=int, help="sample in chunks of this size to bound memory")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples drawn at once; memory holds one batch whatever --n (default: as many as make 2^20 values, at"
+        " most 10,000)",
+    )
     p.add_argument(
         "--label",
         metavar="LABELS",
@@ -143,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forward", help="draw the forward process q(x_t | x_0) on real data at several t")
     p.add_argument("source", help="a run directory or a spec file (its data and schedule are used)")
     p.add_argument("--out", required=True, help="output picture (.png)")
-    p.add_argument("--n", type=int, default=8, help="number of data examples (default 8)")
-    p.add_argument("--frames", type=int, default=8, help="number of timesteps shown, from 0 to T-1 (default 8)")
+    p.add_argument("--n", type=int, default=8, help="number of data examples (default 8; at most 64 images or 100,000 points)")
+    p.add_argument("--frames", type=int, default=8, help="number of timesteps shown, from 0 to T-1 (default 8, at most 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and the noise")
     add_plugin_options(p)
     p.set_defaults(func=cmd_forward)
@@ -153,7 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     for info in sorted(pkgutil.iter_modules(diffkit.commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"diffkit.commands.{info.name}").register(sub)
+    for command in sub.choices.values():  # --debug goes before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+        for action in command._actions:
+            if action.dest == "seed":  # every command's --seed is a seed torch takes
+                action.type = _seed
     return parser
+
+
+def _seed(text: str) -> int:
+    from diffkit.errors import SpecError
+    from diffkit.spec import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got '{text}'") from None
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(exc.problems[0][1]) from None
 
 
 def _version() -> str:
@@ -223,41 +253,38 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffkit import distributed, plotting
-    from diffkit.checkpoint import CheckpointDir
-    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, Pipeline, clear_training_outputs
+    from diffkit import distributed, rundir
+    from diffkit.pipeline import Pipeline
 
     registry = load_registry(args)
     out = Path(args.out)
     writer = distributed.env_rank() == 0  # under torchrun, rank 0 alone writes
-    if out.exists() and not out.is_dir():
-        raise DiffkitError(f"--out {out} exists and is not a directory")
-    if args.resume and args.force:
-        raise DiffkitError("--resume continues the run in --out and --force starts it over; pass one of them")
     if args.allow_spec_change and not args.resume:
         raise DiffkitError("--allow-spec-change goes with --resume")
-    if (out / SPEC_FILE).exists() and not (args.force or args.resume):
-        raise DiffkitError(
-            f"{out} already holds a finished run; choose another --out, pass --force to overwrite it, or --resume"
-            " with more --steps to train it further"
-        )
-    checkpoints = CheckpointDir(out / CHECKPOINTS_DIR, keep=1)
-    if args.resume and (out / SPEC_FILE).exists() and not checkpoints.exists():
-        raise DiffkitError(f"{out} holds a finished run without checkpoints to resume from; pass --force to train it anew")
-    if checkpoints.exists() and not (args.force or args.resume):
-        raise DiffkitError(
-            f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --force to start over"
-        )
+    if writer:  # the other processes of a torchrun job leave --out to rank 0
+        rundir.check_train_out(out, force=args.force, resume=args.resume)
     pipe = Pipeline.from_spec(args.spec, registry)
     overrides: dict[str, Any] = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.device is not None:
         overrides["device"] = args.device
-    overrides = _validated_overrides(overrides)  # before anything in --out is deleted
-    if writer and not args.resume:
-        out.mkdir(parents=True, exist_ok=True)
-        clear_training_outputs(out)
+    overrides = _validated_overrides(overrides)
+    if not writer:
+        return _train(pipe, out, args, overrides, writer)
+    pipe.check_training(**overrides)  # device, logging extras, data: before anything in --out changes
+    with rundir.lock(out, say=lambda msg: print(f"diffkit: {msg}", file=sys.stderr)) as held:
+        if args.force:
+            moved = held.move_aside()
+            if moved is not None:
+                print(f"diffkit: moved the earlier contents of {out} to {moved}", file=sys.stderr)
+        return _train(pipe, out, args, overrides, writer)
+
+
+def _train(pipe: Any, out: Path, args: argparse.Namespace, overrides: dict[str, Any], writer: bool) -> int:
+    from diffkit import distributed, plotting
+    from diffkit.pipeline import CHECKPOINTS_DIR, METRICS_FILE
+
     try:
         result = pipe.fit(
             out=out,
@@ -312,11 +339,10 @@ def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from diffkit import checkpoint, plotting
-    from diffkit.pipeline import Pipeline
+    from diffkit import plotting
+    from diffkit.pipeline import Pipeline, check_guidance_scale, write_npy
 
     out = Path(args.out)
     if args.trajectory:
@@ -331,48 +357,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.guidance_scale is not None:
         if classes is None:
             raise DiffkitError("--guidance-scale needs --label: guidance steers toward the labels asked for")
-        if not args.guidance_scale >= 0:
-            raise DiffkitError(f"--guidance-scale must be at least 0, got {args.guidance_scale}")
+        check_guidance_scale(args.guidance_scale)
     registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
-    labels = None
     if classes is not None:
         _check_labels(pipe, classes, args)
-        labels = torch.tensor(classes).repeat_interleave(args.n)
     total = args.n * (len(classes) if classes else 1)
+    if out.suffix.lower() == ".png":
+        pipe.check_picture(total)
     start = time.perf_counter()
-    samples = pipe.sample(
-        total,
-        seed=args.seed,
-        sampler=args.sampler,
-        steps=args.steps,
-        labels=labels,
-        guidance_scale=args.guidance_scale,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+    # label by label (rows in label order), each from --seed, each batch by batch
+    batches = [
+        pipe.sample_batches(
+            args.n,
+            seed=args.seed,
+            sampler=args.sampler,
+            steps=args.steps,
+            labels=label,
+            guidance_scale=args.guidance_scale,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        for label in (classes or [None])
+    ]
+    if out.suffix.lower() == ".npy":
+        write_npy(out, (x for chunks in batches for x in chunks), total, pipe.context.sample_shape)
+    else:
+        samples = torch.cat([x for chunks in batches for x in chunks])
     seconds = time.perf_counter() - start
+    clipped = pipe.last_clipped
+    if clipped:
+        print(
+            f"diffkit: the bound on x̂_0 was hit: {clipped:.2%} of the predicted x̂_0 values were clipped to it"
+            " (sampler.clip_denoised; null turns it off)",
+            file=sys.stderr,
+        )
     if args.trajectory:
         _check_png(args.trajectory, "--trajectory")
         # images: a few rows to look at; points: enough of them to see the shape form
         shown = min(total, 8) if pipe.context.data_kind == "images" else min(total, 2000)
-        picked = None if labels is None else labels[torch.linspace(0, total - 1, shown).round().long()]
+        where = torch.linspace(0, total - 1, shown).round().long()
+        picked = None if classes is None else torch.tensor(classes)[where // args.n]
         ts, states = pipe.trajectory(
             n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps, labels=picked, guidance_scale=args.guidance_scale
         )
         names = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
         plotting.frames(states, names, args.trajectory, title="reverse process: noise → data")
-    if out.suffix.lower() == ".npy":
-        array = samples.numpy().astype(np.float32)
-
-        def write(path: Path) -> None:
-            with open(path, "wb") as fh:  # a file object: np.save would append .npy to a path
-                np.save(fh, array, allow_pickle=False)
-
-        checkpoint.atomic_write(out, write)
-    elif classes is None:
+    if out.suffix.lower() == ".png" and classes is None:
         _write_picture(pipe, samples, out)
-    else:
+    elif out.suffix.lower() == ".png":
         _write_labelled_picture(pipe, samples, classes, args.n, out)
     if classes is None:
         what = f"{args.n} samples"
@@ -380,7 +413,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         what = f"{args.n} samples of label {classes[0]}"
     else:
         what = f"{args.n} samples of each of the labels {','.join(map(str, classes))}"
-    print(f"drew {what} of shape {tuple(samples.shape[1:])} in {seconds:.1f} s; wrote {out}")
+    print(f"drew {what} of shape {tuple(pipe.context.sample_shape)} in {seconds:.1f} s; wrote {out}")
     return 0
 
 
@@ -415,11 +448,7 @@ def _write_labelled_picture(pipe: Any, samples: Any, labels: list[int], per_labe
         return
     import matplotlib.pyplot as plt
 
-    reference = None
-    try:
-        reference = pipe.dataset.tensors()
-    except DiffkitError:
-        pass
+    reference = pipe.reference_data()  # saved in the run: sampling reads no data
     panels = ([("data", reference[0][:5000], reference[1][:5000])] if reference is not None else []) + [
         ("samples", samples, _repeat_labels(labels, per_label))
     ]
@@ -459,14 +488,18 @@ def cmd_forward(args: argparse.Namespace) -> int:
     registry = load_registry(args)
     source = Path(args.source)
     pipe = Pipeline.load(source, registry) if source.is_dir() else Pipeline.from_spec(source, registry)
-    data = pipe.dataset
+    pipe.check_forward(args.n, args.frames)
+    # a run keeps examples of its data, so drawing from it reads no data (only older runs, saved without, do)
+    kept = pipe.reference_data() if source.is_dir() else None
+    data = pipe.dataset if kept is None else None
+    size = len(kept[0]) if kept is not None else len(data)
     g = torch.Generator().manual_seed(args.seed)
     if pipe.context.data_kind == "points":
-        n = min(max(args.n, 2000), len(data))  # a scatter needs many points
+        n = min(max(args.n, 2000), size)  # a scatter needs many points
     else:
-        n = min(args.n, len(data))
-    idx = torch.randperm(len(data), generator=g)[:n].tolist()
-    x0 = torch.stack([data[i][0] for i in idx])
+        n = min(args.n, size)
+    idx = torch.randperm(size, generator=g)[:n].tolist()
+    x0 = kept[0][idx] if kept is not None else torch.stack([data[i][0] for i in idx])
     T = pipe.schedule.T
     ts = sorted({round(v) for v in torch.linspace(0, T - 1, args.frames).tolist()})
     states = pipe.forward_process(x0, ts, seed=args.seed)
@@ -481,16 +514,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DiffkitError as exc:
-        print(f"diffkit: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("diffkit: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"diffkit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"diffkit: error: {error_message(exc)}", file=sys.stderr)
         return 1
+
+
+def error_message(exc: BaseException) -> str:
+    """What the command line prints for an exception that ended a command: a
+    :class:`DiffkitError`'s own message, else one line saying what failed (``--debug``
+    shows the traceback)."""
+    if isinstance(exc, DiffkitError):
+        return str(exc)
+    if _out_of_memory(exc):
+        return (
+            "out of memory; pass a smaller --batch-size (or train.batch_size in the spec), or use a smaller"
+            " network"
+        )
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text (byte {exc.start}: {exc.reason}); rerun with --debug to see which"
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to read; rerun with --debug to see which"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return f"{exc.strerror or exc}{where}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    unexpected = "an unexpected failure; rerun with --debug for the traceback"
+    return f"{type(exc).__name__}: {first or 'no message'} ({unexpected})"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, (MemoryError, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,16 @@ the same code serves 2-D points and 4-D images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from typing import Any
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffkit.interfaces import Schedule
 
 __all__ = [
     "expand_like",
@@ -27,7 +35,25 @@ __all__ = [
     "v_to_x0",
     "posterior_coefficients",
     "min_snr_weight",
+    "RANGE_MARGIN",
+    "FALLBACK_BOUND",
+    "data_range",
+    "bound_x0",
+    "X0Bound",
 ]
+
+RANGE_MARGIN = 0.1
+"""Share of the training data's width added on each side of its per-coordinate range to
+make the bound on x̂_0 for point data. A finite training set does not reach the edges of
+the distribution it was drawn from, so samples may fairly fall a little outside it; the
+bound is there to stop the 1/√ᾱ_t amplification of the network's error at the noisiest
+steps (tens of units away), not to trim the data's own tails."""
+
+FALLBACK_BOUND = 5.0
+"""|x̂_0| bound, in standardised units, for point data whose run recorded no range (runs
+saved before ranges were recorded, or a pipeline that never saw its data): five standard
+deviations hold all but a sliver of any standardised data (at most 4 %, by Chebyshev)
+and still stop x̂_0 from running off by tens of units."""
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -139,3 +165,95 @@ def min_snr_weight(snr: Tensor, gamma: float, target: str) -> Tensor:
     if target == "v":
         return clamped / (snr + 1.0)
     raise ValueError(f"min-SNR weighting knows the targets 'eps', 'x0' and 'v', not {target!r}")
+
+
+def data_range(x: Tensor, margin: float = RANGE_MARGIN) -> Tensor:
+    """``[low, high]`` (shape ``[2, *x.shape[1:]]``) of the examples ``x`` ``[N, ...]`` per
+    coordinate, each side widened by ``margin`` times the width: the bound on x̂_0 that
+    sampling point data uses by default (see :data:`RANGE_MARGIN`)."""
+    low, high = x.amin(0), x.amax(0)
+    pad = (high - low) * margin
+    return torch.stack([low - pad, high + pad])
+
+
+def bound_x0(eps: Tensor, x_t: Tensor, alpha_bar_t: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """ε̂ whose x̂_0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t lies in [low, high], and where it was moved.
+
+    x̂_0 is clipped and ε̂ re-derived from it (Ho et al. 2020's clipping of x̂_0 before
+    the posterior mean, Eq. 7; Saharia et al. 2022's static thresholding), so every
+    sampler that reads ε̂, x̂_0 or the score sees the bounded prediction. Where x̂_0 was
+    in range ε̂ is returned bit for bit. ``low`` and ``high`` broadcast against one sample
+    (a scalar for images, one value per coordinate for points). Returns ``(ε̂, moved)``,
+    ``moved`` a boolean mask of x̂_0's shape (NaN is never "moved": it stays NaN).
+    """
+    x0 = eps_to_x0(eps, x_t, alpha_bar_t)
+    low, high = low.to(x0), high.to(x0)
+    moved = (x0 < low) | (x0 > high)
+    bounded = x0_to_eps(torch.clamp(x0, low, high), x_t, alpha_bar_t)
+    return torch.where(moved, bounded, eps), moved
+
+
+class X0Bound:
+    """Holds the x̂_0 of every prediction a sampler is driven by in ``[low, high]``
+    (:func:`bound_x0`), or thresholds it dynamically where ``low`` and ``high`` are
+    ``None`` (Saharia et al. 2022, Sec. 2.3), and counts the values it moved.
+
+    ``bound(predict)`` wraps a 0.1 ``predict(x_t, t) -> ε̂``; ``bound.denoised(denoise)``
+    wraps a step sampler's ``denoise(x_t, t) -> Denoised(x̂_0, ε̂)``. Either way ε̂ is
+    re-derived from the bounded x̂_0, ε̂ = (x_t − α x̂_0)/σ, and left bit for bit where
+    x̂_0 was in range. The counts stay on the device while sampling (no per-step
+    synchronisation) and :attr:`share` reads them once.
+    """
+
+    def __init__(self, schedule: Any, low: Tensor | None, high: Tensor | None) -> None:
+        self.schedule = schedule
+        self.low, self.high = low, high
+        self.moved: Tensor | None = None
+        self.seen = 0
+
+    def _count(self, moved: Tensor) -> None:
+        count = moved.sum()
+        self.moved = count if self.moved is None else self.moved + count
+        self.seen += moved.numel()
+
+    def _clip(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        if self.low is None or self.high is None:
+            from diffkit.sampling import dynamic_threshold
+
+            bounded = dynamic_threshold(x0)
+            return bounded, bounded != x0
+        low, high = self.low.to(x0), self.high.to(x0)
+        return torch.clamp(x0, low, high), (x0 < low) | (x0 > high)
+
+    def __call__(self, predict: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        def bounded(x_t: Tensor, t: Tensor) -> Tensor:
+            eps = predict(x_t, t)
+            if self.low is not None and not torch.as_tensor(t).is_floating_point() and hasattr(self.schedule, "alpha_bar"):
+                eps, moved = bound_x0(eps, x_t, self.schedule.alpha_bar(t, x_t), self.low, self.high)
+            else:
+                a, s = (c.to(x_t.dtype) for c in self.schedule.coefficients(t, x_t))
+                x0, moved = self._clip((x_t - s * eps) / a)
+                eps = torch.where(moved, (x_t - a * x0) / s, eps)
+            self._count(moved)
+            return eps
+
+        return bounded
+
+    def denoised(self, denoise: Callable[[Tensor, Tensor], Any]) -> Callable[[Tensor, Tensor], Any]:
+        def bounded(x_t: Tensor, t: Tensor) -> Any:
+            d = denoise(x_t, t)
+            x0, moved = self._clip(d.x0)
+            a, s = (c.to(x_t.dtype) for c in self.schedule.coefficients(t, x_t))
+            s_safe = torch.where(s > 0, s, torch.ones_like(s))
+            eps = torch.where(moved & (s > 0), (x_t - a * x0) / s_safe, d.eps)
+            self._count(moved)
+            return type(d)(torch.where(moved, x0, d.x0), eps)
+
+        return bounded
+
+    @property
+    def share(self) -> float:
+        """Share of the x̂_0 values predicted so far that the bound moved (0 before any)."""
+        if self.moved is None or self.seen == 0:
+            return 0.0
+        return float(self.moved.item()) / self.seen

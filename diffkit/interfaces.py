@@ -19,10 +19,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import Annotated, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from diffkit import diffusion as D
@@ -46,6 +47,7 @@ __all__ = [
     "BuildContext",
     "TIMESTEP_SPACINGS",
     "Spacing",
+    "ClipDenoised",
 ]
 
 Predict = Callable[[Tensor, Tensor], Tensor]
@@ -79,6 +81,18 @@ def report(callback: StepCallback | None, t: int, x: Tensor) -> Tensor:
         return x
     new = callback(t, x)
     return x if new is None else new
+
+ClipDenoised = Annotated[
+    Literal["auto"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] | None,
+    Field(
+        description="Bound on x̂_0 at every step, applied by the core to the prediction the sampler is driven by:"
+        " 'auto' is the data's range ([−1, 1] for images; for points, the standardised training data's range"
+        " recorded at training, widened by 10 % each side); a number c clips to [−c, c]; null turns the bound off."
+    ),
+]
+"""A sampler's ``clip_denoised`` option. A sampler exposes its value as the attribute
+``clip_denoised``; the pipeline reads it (``"auto"`` where a sampler has none) and bounds
+x̂_0 itself (:class:`diffkit.diffusion.X0Bound`): samplers never clip."""
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "logsnr")
 Spacing = Literal["linspace", "leading", "trailing", "quadratic", "logsnr"]
@@ -523,18 +537,28 @@ class LabelledPredict:
     The pipeline hands a sampler one of these when labels are asked for. A plain sampler
     just calls it, which samples the conditional model; a guided sampler hands
     ``given``, ``labels`` and ``guidance_scale`` (``None``: the guidance's own) to its
-    :class:`Guidance`, and drives its base sampler with the wrapped prediction.
+    :class:`Guidance`, and drives its base sampler with ``finish`` of the wrapped
+    prediction. ``finish`` is what the core does to every prediction a sampler is driven
+    by (it bounds x̂_0); calling this object applies it already.
     """
 
-    __slots__ = ("given", "labels", "guidance_scale")
+    __slots__ = ("given", "labels", "guidance_scale", "finish", "_plain")
 
-    def __init__(self, given: CondPredict, labels: Tensor, guidance_scale: float | None = None) -> None:
+    def __init__(
+        self,
+        given: CondPredict,
+        labels: Tensor,
+        guidance_scale: float | None = None,
+        finish: Callable[[Predict], Predict] | None = None,
+    ) -> None:
         self.given = given
         self.labels = labels
         self.guidance_scale = guidance_scale
+        self.finish: Callable[[Predict], Predict] = finish or (lambda predict: predict)
+        self._plain = self.finish(lambda x_t, t: given(x_t, t, labels))
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.given(x_t, t, self.labels)
+        return self._plain(x_t, t)
 
 
 @runtime_checkable

@@ -9,8 +9,11 @@ thing. ``fit`` trains, ``sample`` draws (by label, with guidance, where the pipe
 from __future__ import annotations
 
 import copy
+import json
+import math
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,8 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 import diffkit
-from diffkit import checkpoint, distributed
+from diffkit import checkpoint, distributed, memory, rundir
+from diffkit import diffusion as D
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
@@ -47,6 +51,7 @@ from diffkit.spec import (
     SECTIONS,
     Spec,
     TrainConfig,
+    check_seed,
     dump_spec,
     iter_sections,
     load_spec,
@@ -64,8 +69,9 @@ from diffkit.train import (
     train,
     train_classifier,
 )
+from diffkit.train import _autocast, _summary_writer_class
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "check_guidance_scale"]
 
 Config = str | Mapping[str, Any] | BaseModel
 Labels = int | Sequence[int] | Tensor
@@ -83,14 +89,27 @@ FIXED_ON_RESUME = ("seed", "data", "schedule", "denoiser", "objective", "train.b
 """Spec entries a resumed run may never change: they fix what the checkpoint's weights,
 data position and running loss mean. Others (more steps, another lr, ...) may change
 when the caller allows it."""
+REFERENCE_POINTS = 5000
+"""Training points a run saves to draw beside its samples, so that sampling never reads the data."""
+REFERENCE_IMAGES = 64
+"""Training images a run saves for ``diffkit forward`` to noise, so that it never reads the data."""
 HELD_OUT_FRACTION = 0.1
 """Share of the training data kept out of the classifier's training to measure its accuracy by t."""
+SAMPLE_BATCH_VALUES = 2**20
+"""Values (samples × values per sample) drawn at once by default: one float32 state of 4 MB."""
+MAX_SAMPLE_BATCH = 10_000
+"""The largest default batch of samples, however small one sample is."""
+PICTURE_LIMITS = {"images": 2_500, "points": 200_000}
+"""The most samples one picture shows: a 50 × 50 grid of images, or a scatter of points."""
+FORWARD_LIMITS = {"examples": 64, "points": 100_000, "frames": 32}
+"""The most data examples (image rows), points and timesteps a picture of the forward process shows."""
 
 
 def clear_training_outputs(out: str | Path) -> None:
     """Delete what an earlier training run left in the run directory ``out`` that a new run
     must not append to or resume from — its ``metrics.jsonl`` and its checkpoints — so that
-    ``fit(out=out)`` starts over there (what ``diffkit train --force`` does)."""
+    ``fit(out=out)`` starts over there. (``diffkit train --force`` deletes nothing: it moves
+    the old run aside.)"""
     out = Path(out)
     (out / METRICS_FILE).unlink(missing_ok=True)
     CheckpointDir(out / CHECKPOINTS_DIR, keep=1).clear()
@@ -131,10 +150,12 @@ class Pipeline:
         check_requirements(requires)
         self.requires = tuple(requires)
         self.registry = registry or get_registry()
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(train or {})
         self._dataset: Dataset | None = None
         self._data_config: dict[str, Any] | None = None
+        self._run_dir: Path | None = None  # set by load(): reading a run builds no data unless asked
+        self._reference: tuple[Tensor, Tensor] | None = None  # training points shown beside samples
         if isinstance(data, Dataset):
             self._dataset = data
         elif data is not None:
@@ -151,6 +172,10 @@ class Pipeline:
         # Standardisation of point data, fitted on the training set (None for images).
         self.data_mean: Tensor | None = None
         self.data_std: Tensor | None = None
+        # [low, high] of the standardised training data per coordinate, widened (point data):
+        # the default bound on x̂_0 when sampling (diffkit.diffusion.data_range).
+        self.data_range: Tensor | None = None
+        self._bound: D.X0Bound | None = None  # the bound on x̂_0 of the last sampling call
         self._online: nn.Module | None = None  # the raw trained weights; self.denoiser holds their EMA
         self.steps_trained = 0
         self.classifier_steps_trained = 0  # of classifier guidance's classifier, where there is one
@@ -192,8 +217,31 @@ class Pipeline:
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
             with using_registry(self.registry):  # nested sections (a guided sampler's base) come from it too
+                if kind == "denoiser":
+                    self._check_size(kind, value)
                 return self.registry.build(kind, value, self.context)
         return value
+
+    def _check_size(self, kind: str, value: Config, nbytes: int | None = None, **training: Any) -> None:
+        """Refuse a network too large for the memory before allocating it (``nbytes``
+        counted on the meta device unless given), naming the spec fields (those changed
+        from their defaults) that set its size."""
+        if nbytes is None:
+            nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+        if nbytes is None:
+            return
+        config = _as_config(value)
+        defaults = self.registry.get(kind, str(config.get("type"))).component.params.model_fields
+
+        def sizes(v: Any) -> bool:
+            return (isinstance(v, int) and not isinstance(v, bool)) or (
+                isinstance(v, list) and bool(v) and all(isinstance(i, int) for i in v)
+            )
+
+        given = {k: v for k, v in config.items() if k != "type" and sizes(v)}
+        changed = {k: v for k, v in given.items() if k not in defaults or defaults[k].default != v} or given
+        fields = [f"{kind}.{k} ({v})" for k, v in changed.items()]
+        memory.check_network_size(nbytes, f"{kind} '{config.get('type')}'", fields, **training)
 
     @property
     def guidance(self) -> Guidance | None:
@@ -212,9 +260,50 @@ class Pipeline:
         if self._dataset is None:
             if self._data_config is None:
                 raise DiffkitError("this pipeline has no data; pass data=... to Pipeline or to fit()")
-            ctx = BuildContext(seed=self.seed)
-            self._dataset = self.registry.build("data", self._data_config, ctx)
+            self._dataset = self.build_data(self._data_config)
         return self._dataset
+
+    def build_data(self, section: dict[str, Any]) -> Dataset:
+        """Build the data ``section``; as a loaded run reads it (:meth:`reading_section`)
+        where this pipeline was loaded from a run."""
+        reading = self.reading_section(section)
+        try:
+            return self.registry.build("data", reading, BuildContext(seed=self.seed))
+        except DiffkitError as exc:
+            if reading is section:
+                raise
+            raise DiffkitError(
+                f"{exc} Reading the run {self._run_dir} never downloads data, whatever its spec's download: says"
+            ) from None
+
+    def reading_section(self, section: dict[str, Any]) -> dict[str, Any]:
+        """A data ``section`` as a loaded run reads it: never downloading (a run's data
+        is read where it lies, and nothing is written outside the run directory)."""
+        if self._run_dir is None or not section.get("download", True):
+            return section
+        try:
+            fields = self.registry.get("data", section["type"]).component.params.model_fields
+        except (DiffkitError, KeyError, AttributeError):
+            return section
+        return {**section, "download": False} if "download" in fields else section
+
+    def reference_data(self) -> tuple[Tensor, Tensor] | None:
+        """Training examples and labels that a run keeps so that reading it needs no data:
+        up to :data:`REFERENCE_POINTS` points (drawn beside samples) or
+        :data:`REFERENCE_IMAGES` images (what ``diffkit forward`` noises). A loaded run's
+        saved ones (``None`` for a run saved without them); else the data's first ones."""
+        if self._reference is not None or self._run_dir is not None:
+            return self._reference
+        k = REFERENCE_POINTS if self.context.data_kind == "points" else REFERENCE_IMAGES
+        try:
+            dataset = self.dataset
+            tensors = dataset.tensors()
+            if tensors is None:
+                items = [dataset[i] for i in range(min(k, len(dataset)))]
+                tensors = (torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items]))
+        except DiffkitError:
+            return None
+        return tensors[0][:k], tensors[1][:k]
 
     @property
     def spec(self) -> Spec:
@@ -262,20 +351,38 @@ class Pipeline:
         ending exactly where an uninterrupted run would; the spec must be the
         checkpoint's, or differ only outside :data:`FIXED_ON_RESUME` with
         ``allow_spec_change=True``. Under ``torchrun`` each process trains on its shard of
-        the data and only rank 0 writes.
+        the data and only rank 0 writes. While it trains, ``out`` is locked
+        (``out/.diffkit.lock``): a second trainer of the same directory is refused.
         """
+        if out is None or distributed.env_rank() != 0:
+            return self._fit(data, out=out, progress=progress, resume=resume, allow_spec_change=allow_spec_change, **overrides)
+        with rundir.lock(out, say=lambda msg: print(f"diffkit: {msg}", file=sys.stderr)):
+            return self._fit(data, out=out, progress=progress, resume=resume, allow_spec_change=allow_spec_change, **overrides)
+
+    def check_training(self, data: Dataset | None = None, **overrides: Any) -> tuple[TrainConfig, Dataset]:
+        """Everything :meth:`fit` needs, checked before it writes anything (what ``diffkit
+        train --force`` checks before it moves an old run aside): the settings with
+        ``overrides``, the device, the precision, the logging extras and the data (read
+        here, and checked against the denoiser). Returns the settings and the data."""
         config = TrainConfig.model_validate({**self.train_config.model_dump(), **overrides})
+        self.check_picture(config.preview, "train.preview")
         dataset = data if data is not None else self.dataset
         if tuple(dataset.sample_shape) != self.context.sample_shape:
             raise DiffkitError(
                 f"the data's samples have shape {tuple(dataset.sample_shape)} but the pipeline was built for"
                 f" {self.context.sample_shape}"
             )
-        if resume and out is None:
-            raise DiffkitError("resume=True continues the run in a directory: give it as out=")
-        dist = distributed.setup(resolve_device(config.device))
-        device = dist.device
-        self._fit_normalizer(dataset)
+        device = resolve_device(config.device)
+        _autocast(config.precision, device)
+        if config.log == "tensorboard":
+            _summary_writer_class()
+        if config.batch_size > len(dataset):
+            raise DiffkitError(f"train.batch_size ({config.batch_size}) exceeds the dataset's {len(dataset)} examples; lower it")
+        section = getattr(self.denoiser, "__diffkit_spec__", None)
+        if section is not None:  # a network built by hand is the caller's to size
+            held = "to train: the weights, their EMA, the gradients and AdamW's two moments"
+            nbytes = memory.module_bytes(self.denoiser)
+            self._check_size("denoiser", section, nbytes, copies=memory.TRAINING_COPIES, held=held, device=device)
         classes = getattr(self.denoiser, "num_classes", None)
         if classes and not dataset.num_classes:
             raise DiffkitError(
@@ -287,11 +394,33 @@ class Pipeline:
                 f"the data has {dataset.num_classes} classes but denoiser.num_classes is {classes}; set it to"
                 f" {dataset.num_classes}"
             )
+        return config, dataset
+
+    def _fit(
+        self,
+        data: Dataset | None,
+        *,
+        out: str | Path | None,
+        progress: bool,
+        resume: bool,
+        allow_spec_change: bool,
+        **overrides: Any,
+    ) -> TrainResult:
+        config, dataset = self.check_training(data, **overrides)
+        if resume and out is None:
+            raise DiffkitError("resume=True continues the run in a directory: give it as out=")
+        dist = distributed.setup(resolve_device(config.device))
+        device = dist.device
+        self._fit_normalizer(dataset)
+        classes = getattr(self.denoiser, "num_classes", None)
         outputs, found = (None, None) if out is None else self._outputs(Path(out), config, dist, resume, allow_spec_change)
         if found is not None and "data.mean" in found.tensors:
             self.data_mean, self.data_std = found.tensors["data.mean"], found.tensors["data.std"]
+            self.data_range = found.tensors.get("data.range", self.data_range)
         if outputs is not None and self.data_mean is not None and self.data_std is not None:
             outputs.checkpoint_tensors = {"data.mean": self.data_mean, "data.std": self.data_std}
+            if self.data_range is not None:
+                outputs.checkpoint_tensors["data.range"] = self.data_range
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
@@ -343,11 +472,18 @@ class Pipeline:
                     f"resume=True continues a run from its checkpoints, so it needs a pipeline fresh from its spec;"
                     f" this one has trained {self.steps_trained} steps already"
                 )
-            found = checkpoints.latest(say)
+            damaged: list[str] = []
+            found = checkpoints.latest(damaged.append)
             if found is None:
-                what = "no checkpoint there reads back whole" if checkpoints.exists() else "it holds no checkpoint"
-                say(f"nothing to resume in {checkpoints.directory}: {what}; training from step 0")
+                damaged = [msg.removesuffix("; trying the one before") for msg in damaged]
+                what = f"every checkpoint is damaged ({'; '.join(damaged)})" if damaged else "it holds no checkpoint"
+                raise DiffkitError(
+                    f"nothing to resume in {checkpoints.directory}: {what}. Nothing was changed; to train this run"
+                    " anew, pass --force (diffkit train), which moves the old run aside"
+                )
             else:
+                for msg in damaged:
+                    say(msg)
                 _check_resumable(found, spec, dist, allow_spec_change, config.steps)
                 say(f"resuming from {found.name} in {checkpoints.directory}")
         elif dist.is_writer and self.steps_trained == 0 and checkpoints.exists():
@@ -363,8 +499,6 @@ class Pipeline:
             checkpoints.remove_leftovers()
             tensorboard = out / TENSORBOARD_DIR if config.log == "tensorboard" else None
             outputs.metrics = MetricsLog(out / METRICS_FILE, tensorboard)
-            if resume and found is None:  # training from step 0: earlier rows belong to a run that is gone
-                outputs.metrics.rewind(0)
             if config.sample_every and config.preview:
                 outputs.on_sample = self._sample_pictures(out / SAMPLES_DIR, config.preview)
         return outputs, found
@@ -437,15 +571,18 @@ class Pipeline:
         return result
 
     def _fit_normalizer(self, dataset: Dataset) -> None:
-        """Standardise point data per coordinate, once, from the training set."""
-        if dataset.kind != "points" or self.data_mean is not None:
+        """Standardise point data per coordinate, once, from the training set, and record the
+        standardised data's range, widened, as the default bound on x̂_0."""
+        if dataset.kind != "points" or (self.data_mean is not None and self.data_range is not None):
             return
         tensors = dataset.tensors()
         if tensors is None:
             raise DiffkitError("point data must live in memory (Dataset.tensors()) to be standardised")
         x = tensors[0].double()
-        self.data_mean = x.mean(0).float()
-        self.data_std = x.std(0).clamp_min(1e-8).float()
+        if self.data_mean is None or self.data_std is None:
+            self.data_mean = x.mean(0).float()
+            self.data_std = x.std(0).clamp_min(1e-8).float()
+        self.data_range = D.data_range((x - self.data_mean.double()) / self.data_std.double()).float()
 
     def _normalize(self, x: Tensor) -> Tensor:
         assert self.data_mean is not None and self.data_std is not None
@@ -489,19 +626,6 @@ class Pipeline:
 
         return denoise
 
-    def x0_bound(self, clip: Any) -> float | Tensor | str | None:
-        """What a sampler's ``clip_denoised`` means for this model: ``None`` (leave x̂_0 alone),
-        a bound (number or per-coordinate tensor, in model space) or ``"dynamic"``.
-        ``"auto"`` is the data's range: [−1, 1] for images; for points the range recorded
-        from the training data, where the run has one."""
-        if clip is None or clip == "dynamic":
-            return clip
-        if clip == "auto":
-            if self.context.data_kind == "images":
-                return 1.0
-            return getattr(self, "data_bound", None)
-        return float(clip)
-
     def run_sampler(
         self,
         chosen: Any,
@@ -509,6 +633,7 @@ class Pipeline:
         *,
         cond: Tensor | None = None,
         predict: Predict | None = None,
+        bound: D.X0Bound | None = None,
         generator: torch.Generator | None = None,
         steps: int | None = None,
         progress: bool = False,
@@ -524,8 +649,9 @@ class Pipeline:
         with ``predict`` on a discrete table."""
         device = self.device
         if is_step_sampler(chosen):
-            clip = getattr(getattr(chosen, "params", None), "clip_denoised", None)
-            denoise = bound_denoised(self.denoise_fn(cond, predict), self.schedule, self.x0_bound(clip))
+            denoise = self.denoise_fn(cond, predict)
+            if bound is not None:
+                denoise = bound.denoised(denoise)
             try:
                 return run_loop(
                     chosen,
@@ -567,6 +693,71 @@ class Pipeline:
         p = next(self.denoiser.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def x0_bound(self, sampler: Sampler | None = None) -> D.X0Bound | None:
+        """The bound on x̂_0 that sampling with ``sampler`` (default: the pipeline's) applies
+        to every prediction, in model space, from its ``clip_denoised`` (``"auto"`` where it
+        has none); ``None`` for ``clip_denoised: null``; ``"dynamic"``: dynamic thresholding.
+
+        ``"auto"``: images [−1, 1]; point data the standardised training data's range recorded
+        at training (:func:`diffkit.diffusion.data_range`), or ±:data:`diffkit.diffusion.FALLBACK_BOUND`
+        for a run that recorded none. A number c: [−c, c].
+        """
+        chosen = self.sampler if sampler is None else sampler
+        option = getattr(chosen, "clip_denoised", getattr(getattr(chosen, "params", None), "clip_denoised", "auto"))
+        if option is None:
+            return None
+        if option == "dynamic":
+            return D.X0Bound(self.schedule, None, None)
+        if option != "auto":
+            low, high = torch.tensor(-float(option)), torch.tensor(float(option))
+        elif self.context.data_kind == "images":
+            low, high = torch.tensor(-1.0), torch.tensor(1.0)
+        elif self.data_range is not None:
+            low, high = self.data_range[0], self.data_range[1]
+        else:
+            low, high = torch.tensor(-D.FALLBACK_BOUND), torch.tensor(D.FALLBACK_BOUND)
+        return D.X0Bound(self.schedule, low.to(self.device), high.to(self.device))
+
+    @property
+    def last_clipped(self) -> float | None:
+        """Share of the x̂_0 values predicted in the last :meth:`sample` (or application) call
+        that its bound moved; ``None`` where x̂_0 was not bounded (``clip_denoised: null``) or
+        nothing was sampled yet. ``diffkit sample`` reports it when it is above 0."""
+        return None if self._bound is None else self._bound.share
+
+    def _check_finite(self, x: Tensor, guidance_scale: float | None = None, labelled: bool = False) -> None:
+        """Refuse samples holding NaN or ±inf, naming the likely cause."""
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        if bool(finite.all()):
+            return
+        bad = int((~finite).sum())
+        nets = [("the denoiser's weights", self.denoiser)]
+        if self.classifier is not None:
+            nets.append(("classifier guidance's classifier", self.classifier))
+        cause = None
+        for what, net in nets:
+            for name, tensor in net.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    cause = (
+                        f"{what} hold NaN or infinite values ({name}): the run's weights are damaged or its"
+                        " training diverged; train again or use an earlier checkpoint"
+                    )
+                    break
+            if cause:
+                break
+        stats = [("data.mean", self.data_mean), ("data.std", self.data_std), ("data.range", self.data_range)]
+        for name, tensor in stats:
+            if cause is None and tensor is not None and not bool(torch.isfinite(tensor).all()):
+                cause = f"the run's {name} holds NaN or infinite values; train again"
+        if cause is None and labelled and self.guidance is not None:
+            scale = getattr(self.guidance, "scale", None) if guidance_scale is None else guidance_scale
+            cause = f"the guidance scale ({scale}) is likely too large for this model; try a smaller one"
+        if cause is None and self._bound is None:
+            cause = "x̂_0 was not bounded (clip_denoised: null); leave clip_denoised at its default, 'auto'"
+        if cause is None:
+            cause = "the sampler diverged; try more steps or another sampler"
+        raise DiffkitError(f"sampling produced NaN or infinite values in {bad} of {x.shape[0]} samples: {cause}")
+
     def sample(
         self,
         n: int,
@@ -583,8 +774,10 @@ class Pipeline:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
         ``sampler`` overrides the pipeline's (a name, a section or an object); ``steps``
-        asks for another number of reverse steps; ``batch_size`` bounds memory by sampling in
-        chunks. The same ``seed`` and ``batch_size`` give the same samples.
+        asks for another number of reverse steps; ``batch_size`` (default :meth:`default_batch_size`)
+        bounds the memory of sampling by drawing in chunks, though the ``n`` samples
+        returned are held together (:meth:`sample_batches` yields them chunk by chunk).
+        The same ``seed`` and ``batch_size`` give the same samples.
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
@@ -593,52 +786,105 @@ class Pipeline:
         (else the spec's). An unguided ``sampler`` override of a guided pipeline is
         steered by the pipeline's guidance.
         """
+        chunks = list(
+            self.sample_batches(
+                n,
+                seed,
+                sampler,
+                steps,
+                labels=labels,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                progress=progress,
+                callback=callback,
+            )
+        )
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def default_batch_size(self) -> int:
+        """Samples drawn at once unless a batch size is given: as many as make
+        :data:`SAMPLE_BATCH_VALUES` values (one float32 state of 4 MB), at most
+        :data:`MAX_SAMPLE_BATCH`, whatever the number of samples asked for."""
+        values = math.prod(self.context.sample_shape) or 1
+        return max(1, min(MAX_SAMPLE_BATCH, SAMPLE_BATCH_VALUES // values))
+
+    def sample_batches(
+        self,
+        n: int,
+        seed: int | None = None,
+        sampler: Config | Sampler | None = None,
+        steps: int | None = None,
+        *,
+        labels: Labels | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        callback: StepCallback | None = None,
+    ) -> Iterator[Tensor]:
+        """:meth:`sample`'s ``n`` samples, chunk by chunk of ``batch_size`` as they are
+        drawn (on the CPU, in data coordinates), so that only one chunk is held at a time.
+        Every argument is checked before this returns."""
         if n < 1:
             raise DiffkitError(f"the number of samples must be at least 1, got {n}")
+        if batch_size is not None and batch_size < 1:
+            raise DiffkitError(f"the batch size must be at least 1, got {batch_size}")
+        check_guidance_scale(guidance_scale)
         if steps is not None and self.schedule.discrete and not 1 <= steps <= self.schedule.T:
             raise DiffkitError(f"steps must be between 1 and the schedule's T = {self.schedule.T}, got {steps}")
         if steps is not None and steps < 1:
             raise DiffkitError(f"steps must be at least 1, got {steps}")
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
         device = self.device
-        y = None if labels is None else self._labels(labels, n).to(device)
+        y = None if labels is None else self._labels(labels, n)
         steer = self._steering(chosen, y, guidance_scale)
         own = getattr(chosen, "guidance", None)
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        generator.manual_seed(check_seed(seed)) if seed is not None else generator.seed()
         given = self.conditional_predictor()
-        batch_size = batch_size or n
-        chunks = []
-        self.denoiser.eval()
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                m = min(batch_size, n - start)
+        bound = self._bound = self.x0_bound(chosen)
+        stepped = is_step_sampler(chosen)
+        # a step sampler's bound is applied by the loop (run_sampler); a 0.1 sampler's wraps its ε̂
+        finish: Callable[[Predict], Predict] = bound if bound is not None and not stepped else (lambda p: p)
+        batch = batch_size or self.default_batch_size()
+
+        def draw() -> Iterator[Tensor]:
+            self.denoiser.eval()
+            for start in range(0, n, batch):
+                m = min(batch, n - start)
                 predict: Predict | None = None
                 cond: Tensor | None = None
                 if y is not None:
-                    y_chunk = y[start : start + m]
+                    y_chunk = y[start : start + m].to(device)
                     guidance = steer or own
-                    if is_step_sampler(chosen):
+                    if stepped:
                         if guidance is not None:
                             predict = guidance.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
                         else:
                             cond = y_chunk
                     elif steer is not None:  # an unguided override, steered by the pipeline's guidance
-                        predict = steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
+                        predict = finish(steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale))
                     else:
-                        predict = LabelledPredict(given, y_chunk, guidance_scale)
-                x = self.run_sampler(
-                    chosen,
-                    (m, *self.context.sample_shape),
-                    cond=cond,
-                    predict=predict,
-                    generator=generator,
-                    steps=steps,
-                    progress=progress,
-                    callback=callback,
-                )
-                chunks.append(self.denormalize(x).cpu())
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+                        predict = LabelledPredict(given, y_chunk, guidance_scale, finish)
+                elif not stepped:
+                    predict = finish(self.predictor())
+                with torch.inference_mode():
+                    x = self.run_sampler(
+                        chosen,
+                        (m, *self.context.sample_shape),
+                        cond=cond,
+                        predict=predict,
+                        bound=bound,
+                        generator=generator,
+                        steps=steps,
+                        progress=progress,
+                        callback=callback,
+                    )
+                    x = self.denormalize(x)
+                    self._check_finite(x, guidance_scale, labelled=y is not None)
+                    x = x.cpu()
+                yield x
+
+        return draw()
 
     def _labels(self, labels: Labels, n: int) -> Tensor:
         """``labels`` as ``[n]`` long, checked against the data's classes."""
@@ -646,9 +892,7 @@ class Pipeline:
         if not classes:
             raise DiffkitError("this pipeline's data has no labels, so it cannot sample by label; train on labelled data")
         y = torch.as_tensor(labels).long().reshape(-1).cpu()
-        if y.numel() == 1:
-            y = y.expand(n)
-        if y.numel() != n:
+        if y.numel() not in (1, n):
             raise DiffkitError(f"labels must be one class or one per sample ({n}), got {y.numel()}")
         bad = y[(y < -1) | (y >= classes)]
         if bad.numel():
@@ -656,7 +900,7 @@ class Pipeline:
                 f"label {bad[0].item()} is out of range: the data has {classes} classes, 0 to {classes - 1}"
                 " (−1 asks for no label)"
             )
-        return y.clone()
+        return y.clone().expand(n)  # one class for all: a view, not a copy per sample
 
     def _steering(self, chosen: Sampler, y: Tensor | None, scale: float | None) -> Guidance | None:
         """Check that the pipeline can sample by these labels with ``chosen``; return the
@@ -685,8 +929,6 @@ class Pipeline:
                     " guidance scale, or use sampler: {type: guided, guidance: {type: classifier-free}}"
                 )
             return None
-        if scale is not None and not scale >= 0:
-            raise DiffkitError(f"the guidance scale must be at least 0, got {scale}")
         if getattr(guidance, "requires_conditional_denoiser", False) and not conditional:
             raise DiffkitError(
                 f"{type(guidance).__name__} needs a denoiser trained with and without labels, but this one is"
@@ -743,7 +985,7 @@ class Pipeline:
     def forward_process(self, x0: Tensor, timesteps: list[int], seed: int = 0) -> Tensor:
         """Draws of q(x_t | x_0) for each of ``timesteps`` from data ``x0`` (in data
         coordinates), as ``[len(timesteps), N, ...]`` in data coordinates."""
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(check_seed(seed))
         if self.context.data_kind == "points" and self.data_mean is None:
             self._fit_normalizer(self.dataset)
         z = self._normalize(x0) if self.data_mean is not None else x0
@@ -761,8 +1003,14 @@ class Pipeline:
             tensors.update({f"online.{k}": v for k, v in self._online.state_dict().items()})
         if self.data_mean is not None and self.data_std is not None:
             tensors["data.mean"], tensors["data.std"] = self.data_mean, self.data_std
+        reference = self.reference_data()
+        if reference is not None:
+            tensors["data.reference"], tensors["data.reference_labels"] = reference
+        if self.data_range is not None:
+            tensors["data.range"] = self.data_range
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
+        checksums = {WEIGHTS_FILE: checkpoint.sha256_file(directory / WEIGHTS_FILE)}
         classifier = self.classifier
         if classifier is not None and self.classifier_steps_trained > 0:
             checkpoint.save_tensors(
@@ -770,6 +1018,7 @@ class Pipeline:
                 {k: v.contiguous() for k, v in classifier.state_dict().items()},
                 metadata={"format": "diffkit-classifier-1"},
             )
+            checksums[CLASSIFIER_FILE] = checkpoint.sha256_file(directory / CLASSIFIER_FILE)
         checkpoint.write_json(
             directory / META_FILE,
             {
@@ -780,6 +1029,7 @@ class Pipeline:
                 "data_kind": self.context.data_kind,
                 "data_diameter": self.context.data_diameter,
                 "steps_trained": self.steps_trained,
+                "sha256": checksums,
                 "classifier": (
                     {"steps_trained": self.classifier_steps_trained, "accuracy_by_t": self.classifier_accuracy}
                     if classifier is not None
@@ -805,7 +1055,7 @@ class Pipeline:
         if not (directory / SPEC_FILE).is_file():
             raise DiffkitError(f"{directory} has no {SPEC_FILE}; it is not a finished diffkit run")
         registry = registry or get_registry()
-        meta = checkpoint.read_json(directory / META_FILE)
+        meta = _read_meta(directory / META_FILE)
         spec = load_spec(directory / SPEC_FILE, registry)
         context = BuildContext(
             sample_shape=tuple(meta["sample_shape"]),
@@ -815,7 +1065,8 @@ class Pipeline:
             data_diameter=meta.get("data_diameter"),
         )
         pipe = cls._from_validated(spec, registry, context)
-        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE)
+        pipe._run_dir = directory
+        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
         pipe._load_state(tensors, directory)
         pipe.steps_trained = int(meta.get("steps_trained", 0))
         pipe._load_classifier(directory, meta)
@@ -827,6 +1078,9 @@ class Pipeline:
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        path = directory / WEIGHTS_FILE
+        own = self.denoiser.state_dict()
+        _check_tensors(path, tensors, {**{f"denoiser.{k}": v for k, v in own.items()}, **{f"online.{k}": v for k, v in own.items()}})
         try:
             self.denoiser.load_state_dict(part("denoiser."))
             online = part("online.")
@@ -838,7 +1092,17 @@ class Pipeline:
             raise DiffkitError(
                 f"the weights in {directory / WEIGHTS_FILE} do not fit the denoiser its spec describes ({first})"
             ) from None
-        self.data_mean, self.data_std = tensors.get("data.mean"), tensors.get("data.std")
+        self.data_mean, self.data_std = _standardisation(path, tensors, self.context.sample_shape)
+        if "data.reference" in tensors and "data.reference_labels" in tensors:
+            self._reference = (tensors["data.reference"], tensors["data.reference_labels"])
+        self.data_range = tensors.get("data.range")  # absent from runs saved before it was recorded
+        if self.data_range is not None and (
+            tuple(self.data_range.shape) != (2, *self.context.sample_shape) or not bool(torch.isfinite(self.data_range).all())
+        ):
+            raise DiffkitError(
+                f"data.range in {directory / WEIGHTS_FILE} must be finite and of shape"
+                f" {[2, *self.context.sample_shape]}, got {list(self.data_range.shape)}; the file is damaged: train again"
+            )
         self.denoiser.eval()
 
     def _load_classifier(self, directory: Path, meta: Mapping[str, Any]) -> None:
@@ -848,8 +1112,10 @@ class Pipeline:
         path = directory / CLASSIFIER_FILE
         if classifier is None or not path.is_file():
             return
+        tensors = checkpoint.load_tensors(path, meta["sha256"].get(CLASSIFIER_FILE))
+        _check_tensors(path, tensors, classifier.state_dict())
         try:
-            classifier.load_state_dict(checkpoint.load_tensors(path))
+            classifier.load_state_dict(tensors)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes ({first})") from None
@@ -858,20 +1124,43 @@ class Pipeline:
         self.classifier_steps_trained = int(info.get("steps_trained") or 1)
         self.classifier_accuracy = info.get("accuracy_by_t")
 
+    def check_picture(self, n: int, asked: str = "--n, times the number of labels") -> None:
+        """Refuse a picture of more samples than :data:`PICTURE_LIMITS` allows, before they
+        are drawn; ``asked`` names the setting that asked for them."""
+        kind = self.context.data_kind
+        limit = PICTURE_LIMITS.get(kind, PICTURE_LIMITS["images"])
+        if n > limit:
+            raise DiffkitError(
+                f"a picture shows at most {limit:,} samples of {kind} and {n:,} were asked for ({asked}); ask for fewer,"
+                " or write the samples to a .npy file, which is streamed to disk batch by batch for any number"
+            )
+
+    def check_forward(self, n: int, frames: int) -> None:
+        """Refuse a picture of the forward process larger than :data:`FORWARD_LIMITS` allows."""
+        if n < 1 or frames < 2:
+            raise DiffkitError(f"the forward process needs at least 1 example and 2 frames, got {n} and {frames}")
+        key = "points" if self.context.data_kind == "points" else "examples"
+        if n > FORWARD_LIMITS[key]:
+            raise DiffkitError(
+                f"a picture of the forward process shows at most {FORWARD_LIMITS[key]:,} {key}, and {n:,} were asked"
+                " for (--n); ask for fewer"
+            )
+        if frames > FORWARD_LIMITS["frames"]:
+            raise DiffkitError(
+                f"a picture of the forward process shows at most {FORWARD_LIMITS['frames']} timesteps, and {frames:,}"
+                " were asked for (--frames); ask for fewer"
+            )
+
     def picture(self, samples: Tensor, path: str | Path, title: str | None = None) -> Path:
         """Write ``samples`` (in data coordinates) as a PNG: a grid of images, or a scatter
         of points beside as many points of the training data."""
         from diffkit import plotting
 
+        self.check_picture(samples.shape[0])
         if self.context.data_kind == "images":
             return plotting.image_grid(samples, path)
-        reference = None
-        try:
-            data = self.dataset.tensors()
-            if data is not None:
-                reference = data[0][: samples.shape[0]]
-        except DiffkitError:
-            pass
+        data = self.reference_data()
+        reference = data[0][: samples.shape[0]] if data is not None else None  # points: the training data
         if title is None:
             name = (self._data_config or {}).get("type", "data")
             title = f"{name}: {type(self.sampler).__name__} samples"
@@ -917,6 +1206,151 @@ def data_diameter(dataset: Dataset, limit: int = DIAMETER_SAMPLES) -> float | No
         x = torch.stack([dataset[int(i)][0] for i in idx]).double()
     flat = x.reshape(x.shape[0], -1)
     return float(torch.cdist(flat, flat).max())
+
+def write_npy(path: str | Path, batches: Iterable[Tensor], n: int, sample_shape: tuple[int, ...]) -> Path:
+    """Write ``n`` samples, given batch by batch, to a ``.npy`` file of float32 ``[n,
+    *sample_shape]``: each batch goes straight into a memory-mapped file (so memory holds
+    one batch whatever ``n``), written atomically (the file appears only once whole).
+    Refused before anything is written where the disk lacks the room."""
+    import shutil
+
+    import numpy as np
+
+    path = Path(path)
+    shape = (n, *sample_shape)
+    nbytes = 4 * math.prod(shape)
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise DiffkitError(
+            f"{path} would take {memory.format_bytes(nbytes)} ({n:,} samples of shape {tuple(sample_shape)}) and its disk"
+            f" has {memory.format_bytes(free)} free; ask for fewer samples, or write to another disk"
+        )
+
+    def write(tmp: Path) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        start = 0
+        for x in batches:
+            if start + x.shape[0] > n or tuple(x.shape[1:]) != tuple(sample_shape):
+                raise DiffkitError(f"a batch of shape {tuple(x.shape)} does not fit {n} samples of shape {tuple(sample_shape)}")
+            array[start : start + x.shape[0]] = x.numpy()
+            start += x.shape[0]
+        if start != n:
+            raise DiffkitError(f"{start} samples were drawn for the {n} of {path}")
+        array.flush()
+        del array
+
+    return checkpoint.atomic_write(path, write)
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a run directory, its fields checked: each problem is one message
+    naming the file and the field. Runs saved before weights had checksums (no
+    ``sha256``) read as having none to verify."""
+    meta = checkpoint.read_json(path)
+    if not isinstance(meta, dict):
+        raise DiffkitError(
+            f"{path} holds {_json_kind(meta)} where a JSON object of the run's metadata is expected; the file is"
+            " damaged: restore it, or save the run again"
+        )
+
+    def bad(field: str, expected: str) -> DiffkitError:
+        got = "missing" if field not in meta else f"{_json_kind(meta[field])} ({json.dumps(meta[field])[:60]})"
+        return DiffkitError(f"{path}: {field} must be {expected}, got {got}; the file is damaged: restore it, or save the run again")
+
+    def count(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    shape = meta.get("sample_shape")
+    if not isinstance(shape, list) or not all(count(d, 1) for d in shape):
+        raise bad("sample_shape", "a list of positive integers (the shape of one sample)")
+    if meta.get("num_classes") is not None and not count(meta["num_classes"], 0):
+        raise bad("num_classes", "an integer of at least 0, or null")
+    if meta.get("data_kind", "points") not in ("points", "images"):
+        raise bad("data_kind", "'points' or 'images'")
+    if not count(meta.get("steps_trained", 0), 0):
+        raise bad("steps_trained", "an integer of at least 0")
+    info = meta.get("classifier")
+    if info is not None and (
+        not isinstance(info, dict)
+        or not (info.get("steps_trained") is None or count(info["steps_trained"], 0))
+        or not isinstance(info.get("accuracy_by_t") or [], list)
+    ):
+        raise bad("classifier", "null or an object with steps_trained (an integer) and accuracy_by_t (a list)")
+    diameter = meta.get("data_diameter")
+    if diameter is not None and not (
+        isinstance(diameter, (int, float)) and not isinstance(diameter, bool) and math.isfinite(diameter) and diameter > 0
+    ):
+        raise bad("data_diameter", "a positive number, or null")
+    sums = {} if meta.get("sha256") is None else meta["sha256"]
+    if not isinstance(sums, dict) or not all(
+        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()
+    ):
+        raise bad("sha256", "an object of file names and their SHA-256 (64 hex digits)")
+    meta["sha256"] = sums
+    return meta
+
+
+LABEL_TENSORS = ("data.reference_labels",)
+"""Saved tensors that hold integer labels, not weights."""
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Refuse tensors that cannot be weights diffkit saved: integers or booleans where the
+    network (``expected``, by name) has floating-point values, or NaN or infinite values."""
+    for key, t in tensors.items():
+        want = expected.get(key)
+        if not t.is_floating_point():
+            if key in LABEL_TENSORS:
+                continue
+            if want is None or want.is_floating_point():
+                wanted = want.dtype if want is not None else "floating-point"
+                raise DiffkitError(
+                    f"{path}: tensor '{key}' is {t.dtype} where {wanted} values are expected; the file was not written"
+                    " by diffkit or is damaged: restore it, or train the run again"
+                )
+        elif not bool(torch.isfinite(t).all()):
+            raise DiffkitError(
+                f"{path}: tensor '{key}' holds NaN or infinite values, so every sample would be NaN; the file is damaged"
+                " or the training diverged: restore it, or train the run again (a lower train.lr)"
+            )
+
+
+def _standardisation(path: Path, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """``data.mean`` and ``data.std`` of a saved run, checked: both or neither, each of
+    one sample's shape, the std positive (NaN and infinity are refused before)."""
+    mean, std = tensors.get("data.mean"), tensors.get("data.std")
+    if mean is None and std is None:
+        return None, None
+    for name, t in (("data.mean", mean), ("data.std", std)):
+        if t is None:
+            other = "data.std" if name == "data.mean" else "data.mean"
+            raise DiffkitError(f"{path} has {other} but no {name}; the file is damaged: restore it, or train the run again")
+        if tuple(t.shape) != tuple(shape):
+            raise DiffkitError(
+                f"{path}: {name} has shape {tuple(t.shape)} but one sample of this run has shape {tuple(shape)}"
+                f" (sample_shape in {META_FILE}); the file is damaged: restore it, or train the run again"
+            )
+    assert std is not None
+    if not bool((std > 0).all()):
+        raise DiffkitError(
+            f"{path}: data.std has a value of 0 or less, which cannot standardise data; the file is damaged: restore it,"
+            " or train the run again"
+        )
+    return mean, std
+
+
+def check_guidance_scale(scale: float | None) -> None:
+    """Refuse a guidance scale that is not a finite number ≥ 0 (``None``: the spec's)."""
+    if scale is not None and not (math.isfinite(scale) and scale >= 0):
+        raise DiffkitError(
+            f"the guidance scale must be a finite number of at least 0, got {scale}; 0 samples without guidance"
+        )
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:

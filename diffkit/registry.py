@@ -11,25 +11,37 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import pluggy
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from diffkit import hookspecs
 from diffkit.errors import ComponentLookupError, PluginError, SpecError
 from diffkit.interfaces import BuildContext
 
-__all__ = ["Params", "Component", "Entry", "PluginInfo", "Registry", "KINDS"]
+__all__ = ["Params", "Seed", "SEED_RANGE", "Component", "Entry", "PluginInfo", "Registry", "KINDS"]
 
 KINDS: tuple[str, ...] = tuple(hookspecs.HOOKS)
 
 
-class Params(BaseModel):
-    """Base of every component's parameters: unknown keys are rejected and values are
-    immutable once validated. Give every field a ``Field(description=...)``."""
+# what torch's generators take: a 64-bit signed integer
+SEED_RANGE = (-(2**63), 2**63 - 1)
+Seed = Annotated[
+    int,
+    # a whole float too large for pydantic's integers (1e30) is compared with the range, not misparsed
+    BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v),
+    Field(ge=SEED_RANGE[0], le=SEED_RANGE[1]),
+]
+"""The type of a seed parameter: an integer torch's generators accept (64-bit signed)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class Params(BaseModel):
+    """Base of every component's parameters: unknown keys are rejected, floats must be
+    finite (NaN and ±inf are refused), and values are immutable once validated. Give
+    every field a ``Field(description=...)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,11 @@ class StepSamplerBase:
     def __init__(self, params: Any) -> None:
         self.params = params
 
+    @property
+    def clip_denoised(self) -> Any:
+        """What is done to x̂_0 at each step (the ``clip_denoised`` of the params; ``"auto"`` without one)."""
+        return getattr(self.params, "clip_denoised", "auto")
+
     def levels(self, process: Process, steps: int, start: float | None = None) -> Tensor:
         return process.grid(steps, getattr(self.params, "spacing", None), start=start)
 

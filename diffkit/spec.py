@@ -30,6 +30,7 @@ a top-level one, and its problems are reported at its full path (``sampler.base.
 from __future__ import annotations
 
 import json
+import json.scanner
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -56,7 +57,7 @@ from pydantic_core import PydanticCustomError
 from diffkit.errors import ComponentLookupError, SpecError
 from diffkit.interfaces import BuildContext
 from diffkit.plugins import get_registry
-from diffkit.registry import KINDS, Registry
+from diffkit.registry import KINDS, SEED_RANGE, Registry, Seed
 from diffkit.requirements import requirement_problem
 
 try:  # Python 3.11+
@@ -80,6 +81,9 @@ __all__ = [
     "json_schema",
     "data_shape",
     "SECTIONS",
+    "Seed",
+    "SEED_RANGE",
+    "check_seed",
 ]
 
 # spec section -> kind of component; the order is the order sections are written in
@@ -94,10 +98,20 @@ SECTIONS: dict[str, str] = {
 DEFAULTS: dict[str, str] = {"schedule": "linear", "objective": "epsilon", "sampler": "ddpm"}
 
 
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` if torch's generators accept it; else a :class:`SpecError` naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SpecError([(name, f"must be an integer, got {seed!r}")])
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        low, high = SEED_RANGE
+        raise SpecError([(name, f"{seed} is outside the 64-bit seeds torch takes; give one from {low} to {high}")])
+    return seed
+
+
 class TrainConfig(BaseModel):
     """How ``diffkit train`` and ``Pipeline.fit`` train the denoiser."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     steps: int = Field(3000, ge=1, description="Number of optimiser steps.")
     batch_size: int = Field(
@@ -192,14 +206,14 @@ def _installed(requirement: str) -> str:
 class Spec(BaseModel):
     """Base of the spec model; the component sections are added from the registry."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     requires: list[Annotated[str, AfterValidator(_installed)]] = Field(
         default_factory=list,
         description="Distributions the spec needs, as pip requirements (e.g. 'diffkit-sigmoid>=0.2'), each"
         " checked against the installed ones; name the plugins that provide its components here.",
     )
-    seed: int = Field(0, description="Seed of every random draw in training.")
+    seed: Seed = Field(0, description="Seed of every random draw in training.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
 
 
@@ -223,6 +237,8 @@ def _plain_section(kind: str):
         if isinstance(value, Mapping):
             if "type" not in value:
                 raise PydanticCustomError("missing_type", "a {kind} section needs a 'type'", {"kind": kind})
+            if not isinstance(value["type"], str):
+                raise _type_not_a_name(value["type"], set(current_registry().tags(kind)))
             return dict(value)
         return value  # pydantic reports the wrong type
 
@@ -287,8 +303,10 @@ def build_section(kind: str, section: Any, ctx: BuildContext, path: str) -> Any:
     if isinstance(section, str):
         section = {"type": section}
     tag = section.get("type") if isinstance(section, Mapping) else None
-    if tag is None:
-        raise SpecError([(path, f"needs a 'type': one of {', '.join(sorted(registry.tags(kind)))}")])
+    if not isinstance(tag, str):
+        what = "needs a 'type'" if tag is None else f"type must be a component's name, got a {type(tag).__name__}"
+        choices = ", ".join(sorted(registry.tags(kind)))
+        raise SpecError([(path if tag is None else f"{path}.type", f"{what}: one of {choices}")])
     try:
         entry = registry.get(kind, str(tag))
     except ComponentLookupError as exc:
@@ -331,6 +349,8 @@ def _section_validator(registry: Registry, kind: str, nested: bool = False):
             raise PydanticCustomError(
                 "missing_type", "needs a 'type': one of {choices}", {"choices": ", ".join(sorted(choices)) or "(none installed)"}
             )
+        if not isinstance(tag, str):
+            raise _type_not_a_name(tag, choices)
         if tag not in tags:
             try:
                 registry.get(kind, str(tag))
@@ -341,6 +361,14 @@ def _section_validator(registry: Registry, kind: str, nested: bool = False):
         return value
 
     return check
+
+
+def _type_not_a_name(tag: Any, choices: set[str]) -> PydanticCustomError:
+    return PydanticCustomError(
+        "type_not_a_name",
+        "type must be a component's name, got a {got}; one of {choices}",
+        {"got": type(tag).__name__, "choices": ", ".join(sorted(choices)) or "(none installed)"},
+    )
 
 
 def _member_model(entry: Any, kind: str, tags: list[str], nested_types: dict[str, Any]) -> type[BaseModel]:
@@ -476,6 +504,9 @@ def _problems(err: ValidationError, data: Any) -> list[tuple[str, str]]:
                 msg += f" (see `diffkit schema` for the parameters of {where} '{parent.get('type')}')"
         elif e["type"] == "missing":
             msg = "required; add it"
+        elif e["type"] == "type_not_a_name":
+            path += ".type"
+            msg = msg.removeprefix("type ")
         out.append((path, msg))
     return out
 
@@ -580,21 +611,104 @@ def data_shape(data_section: BaseModel | Mapping[str, Any], registry: Registry |
     return None if shape is None else tuple(shape)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int = 0, first: int = 0) -> None:
+        super().__init__(f"the key '{key}' at line {line} is given twice (first at line {first}); keep one of them")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (as TOML does)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by the keys beside it
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: the safe loader refuses it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _json_key_lines(text: str, start: int, key: str) -> list[int]:
+    """The lines where the JSON object whose body begins at ``start`` gives ``key``."""
+    lines, depth, i = [], 0, start
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            value, i = json.decoder.scanstring(text, i + 1)
+            if depth == 0 and value == key and text[i:].lstrip().startswith(":"):
+                lines.append(text.count("\n", 0, i) + 1)
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            if depth == 0:
+                break
+            depth -= 1
+        i += 1
+    return lines
+
+
+def _load_json(text: str) -> Any:
+    """``json.loads``, refusing a key given twice in one object, with the lines of both."""
+    decoder = json.JSONDecoder(object_pairs_hook=_json_object)
+    parse_object = decoder.parse_object
+
+    def parse(s_and_end: tuple[str, int], *args: Any) -> Any:
+        try:
+            return parse_object(s_and_end, *args)
+        except _DuplicateKey as exc:
+            if exc.line:
+                raise
+            lines = _json_key_lines(*s_and_end, exc.key) + [0, 0]
+            raise _DuplicateKey(exc.key, lines[1], lines[0]) from None
+
+    decoder.parse_object = parse  # type: ignore[method-assign]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # the pure-Python scanner calls parse_object
+    return decoder.decode(text)
+
+
 def _parse(path: Path) -> Any:
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError([("", f"no such spec file: {path}")]) from None
     except OSError as exc:
         raise SpecError([("", f"cannot read {path}: {exc.strerror}")]) from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, bad = raw.count(b"\n", 0, exc.start) + 1, raw[exc.start : exc.start + 1]
+        problem = f"not UTF-8 text: byte {exc.start} (line {line}) is {bad!r}; save it as UTF-8"
+        raise SpecError([("", problem)], str(path)) from None
+    try:
         if suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         if suffix == ".json":
-            return json.loads(text)
+            return _load_json(text)
         if suffix == ".toml":
             return tomllib.loads(text)
+    except _DuplicateKey as exc:
+        raise SpecError([("", str(exc))], str(path)) from None
+    except RecursionError:
+        raise SpecError([("", "nested too deeply to read; a spec needs only a few levels")], str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint, atomic_write
+from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint, atomic_write, read_text
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
 from diffkit.interfaces import Dataset, Objective, Schedule
@@ -272,12 +272,22 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        lines = read_text(self.path).splitlines()
+        for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last row, cut short by the crash
+                    continue
+                row = None
+            except RecursionError:
+                row = None
+            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+                raise DiffkitError(
+                    f"{self.path} line {number} is not a row of metrics (a JSON object with an integer 'step'); the"
+                    " file was edited or damaged: fix or delete that line, then resume"
+                )
+            if row["step"] <= step:
                 kept.append(row)
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.path, lambda p: p.write_text(text, encoding="utf-8"))
@@ -420,10 +430,36 @@ def _restore(
     ema.model.load_state_dict(_part(resume.tensors, "ema."))
     ema.updates = saved["ema_updates"]
     opt.load_state_dict(_optimizer_state(resume.tensors, saved["optimizer"]))
+    for group in opt.param_groups:  # load_state_dict takes state of any shape; a step would fail on it
+        for p in group["params"]:
+            for name, value in opt.state.get(p, {}).items():
+                want = () if name == "step" else p.shape
+                if isinstance(value, Tensor) and value.shape != want:
+                    shapes = f"{tuple(value.shape)} for a parameter of shape {tuple(want)}"
+                    raise ValueError(f"optimizer state '{name}' has shape {shapes}")
     for group in opt.param_groups:  # a resumed run may have been allowed another lr or weight decay
         group["lr"], group["weight_decay"] = config.lr, config.weight_decay
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
+
+
+@contextmanager
+def _checkpoint_fits(resume: TrainingCheckpoint) -> Iterator[None]:
+    """Turn what torch raises on a checkpoint's tensors that do not fit this run (wrong
+    shapes, dtypes or names, in a checkpoint whose JSON was rewritten to match) into one
+    message naming the checkpoint."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        if "out of memory" in str(exc).lower():
+            raise
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        first = (f"no tensor {text}" if isinstance(exc, KeyError) else text or type(exc).__name__)[:300]
+        raise DiffkitError(
+            f"{resume.path.with_suffix('.safetensors')} does not fit the network and optimiser this spec builds"
+            f" ({first}); the checkpoint is damaged: move {resume.name}.* aside to resume from an earlier one, or"
+            " start over with --force"
+        ) from None
 
 
 def _optimizer_step(
@@ -506,9 +542,14 @@ def train(
     history: list[dict[str, Any]] = []
     last_checkpoint: Path | None = None
     if resume is not None and saved is not None:
-        _restore(resume, online, ema, opt, scaler, config)
-        window, skipped = saved["window"], saved["skipped"]
-        losses[:window] = resume.tensors[f"losses.rank{dist.rank}"].to(device)
+        with _checkpoint_fits(resume):
+            _restore(resume, online, ema, opt, scaler, config)
+            window, skipped = saved["window"], saved["skipped"]
+            kept = resume.tensors[f"losses.rank{dist.rank}"]
+            if kept.shape != (window,) or window > config.log_every:
+                name = f"losses.rank{dist.rank}"
+                raise ValueError(f"{name} has shape {tuple(kept.shape)} for a window of {window} losses")
+            losses[:window] = kept.to(device)
         last_checkpoint = resume.path
         if out.metrics is not None:
             history = out.metrics.rewind(saved["step"])
@@ -517,12 +558,13 @@ def train(
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(online, device_ids=ids)
     if resume is not None:  # last: nothing after this may draw from torch's generators before the loop
-        torch.set_rng_state(resume.tensors[f"rng.rank{dist.rank}.cpu"])
-        device_state = resume.tensors.get(f"rng.rank{dist.rank}.{device.type}")
-        if device.type == "cuda" and device_state is not None:
-            torch.cuda.set_rng_state(device_state, device)
-        elif device.type == "mps" and device_state is not None:
-            torch.mps.set_rng_state(device_state)
+        with _checkpoint_fits(resume):
+            torch.set_rng_state(resume.tensors[f"rng.rank{dist.rank}.cpu"])
+            device_state = resume.tensors.get(f"rng.rank{dist.rank}.{device.type}")
+            if device.type == "cuda" and device_state is not None:
+                torch.cuda.set_rng_state(device_state, device)
+            elif device.type == "mps" and device_state is not None:
+                torch.mps.set_rng_state(device_state)
     params = [p for p in online.parameters() if p.requires_grad]
     constant_lr = config.warmup_steps == 0 and config.lr_schedule == "constant"
     every = config.checkpoint_every

@@ -39,7 +39,7 @@ def build(data: dict[str, Any], fast: bool, steps: int | None, device: str) -> d
             "schedule": {"type": "linear", "timesteps": T},  # β from 1e-4 to 0.02 (Ho et al. 2020)
             "denoiser": unet,
             "objective": {"type": "epsilon"},
-            "sampler": {"type": "ddpm", "clip_denoised": 1.0},
+            "sampler": {"type": "ddpm"},
             "train": {
                 "steps": steps or (10 if fast else 2000),
                 "batch_size": 32 if fast else 128,

@@ -7,12 +7,12 @@ import math
 import torch
 from pydantic import Field
 
-from diffkit import BuildContext, Component, Params, TensorData, hookimpl
+from diffkit import BuildContext, Component, Params, Seed, TensorData, hookimpl
 
 
 class _PointsParams(Params):
     n: int = Field(20_000, ge=1, le=10_000_000, description="Number of points drawn.")
-    seed: int | None = Field(None, description="Seed of the draw; null uses the spec's seed.")
+    seed: Seed | None = Field(None, description="Seed of the draw; null uses the spec's seed.")
 
 
 class MoonsParams(_PointsParams):

@@ -80,6 +80,11 @@ class GuidedSampler:
         self.base = base
         self.guidance = guidance
 
+    @property
+    def clip_denoised(self) -> object:
+        """The base sampler's bound on x̂_0 (diffkit.ClipDenoised), applied after guidance."""
+        return getattr(self.base, "clip_denoised", "auto")
+
     def __call__(
         self,
         predict: Predict,
@@ -96,7 +101,8 @@ class GuidedSampler:
         t_start: int | None = None,
     ) -> Tensor:
         if isinstance(predict, LabelledPredict):
-            predict = self.guidance.wrap(predict.given, schedule, predict.labels, scale=predict.guidance_scale)
+            guided = self.guidance.wrap(predict.given, schedule, predict.labels, scale=predict.guidance_scale)
+            predict = predict.finish(guided)  # the core's bound on x̂_0 holds for the guided prediction
         return self.base(
             predict,
             schedule,

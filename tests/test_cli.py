@@ -397,7 +397,9 @@ def test_block_and_no_autoload_flags(capsys, third_party):
 def test_a_run_can_sample_with_a_third_party_sampler(capsys, third_party, run_dir, tmp_path):
     common = ["--n", "20", "--seed", "1", "--block", "broken", "--no-progress"]
     code, _, err = run(capsys, "sample", str(run_dir), "--sampler", "ddpm-too", "--out", str(tmp_path / "x.npy"), *common)
-    assert code == 0 and err == ""
+    # no warning from the plugins; at most the report of the bound on x̂_0 (a sampler without
+    # clip_denoised gets the default bound, as the built-ins do)
+    assert code == 0 and all(line.startswith("diffkit: the bound on x̂_0") for line in err.splitlines())
     code, _, _ = run(capsys, "sample", str(run_dir), "--out", str(tmp_path / "y.npy"), *common)
     assert code == 0
     # the same algorithm with the same seed draws the same samples

@@ -53,7 +53,7 @@ def builtin(kind: str, name: str, **params: object) -> object:
 @pytest.mark.parametrize("name", names("schedule"))
 def test_builtin_schedules_conform(name):
     check_schedule(name)
-    if "timesteps" in get_registry().get("schedule", name).component.params.model_fields:  # a discrete table
+    if "timesteps" in diffkit.get_registry().get("schedule", name).component.params.model_fields:  # a discrete table
         check_schedule(name, {"timesteps": 50})
 
 

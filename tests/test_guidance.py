@@ -438,7 +438,7 @@ def test_classifier_free_guidance_at_w_0_is_the_conditional_model(cfg_pipe):
     conditional_samples = cfg_pipe.sample(100, seed=6, labels=2, sampler={"type": "ddim", "steps": 20}, guidance_scale=0.0)
     plain = diffkit.Pipeline.from_spec({**cfg_pipe.spec.model_dump(), "sampler": {"type": "ddim", "steps": 20}})
     plain.denoiser.load_state_dict(cfg_pipe.denoiser.state_dict())
-    plain.data_mean, plain.data_std = cfg_pipe.data_mean, cfg_pipe.data_std
+    plain.data_mean, plain.data_std, plain.data_range = cfg_pipe.data_mean, cfg_pipe.data_std, cfg_pipe.data_range
     assert torch.equal(plain.sample(100, seed=6, labels=2), conditional_samples)
     assert torch.equal(cfg_pipe.sample(100, seed=6, labels=2, guidance_scale=0.0), conditional_samples)
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import diffkit
+from diffkit import diffusion as D
 from diffkit.oracles import GaussianData, GaussianMixture
 
 REGISTRY = diffkit.get_registry()
@@ -284,20 +285,24 @@ def test_ddpm_image_shaped_gaussian(dtype):
 
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
 @pytest.mark.parametrize("steps, spacing", [(None, "linspace"), (20, "trailing"), (20, "leading")])
-def test_clip_denoised_bounds_the_output(steps, spacing, variance):
-    """With clip_denoised = c the last step returns the clipped x̂_0 itself (ᾱ_s = 1 makes
-    the posterior mean's coefficient of x_t zero and no noise is added), so every value
-    lies in [−c, c], even for data that mostly lies outside."""
+def test_bounded_x0_bounds_the_output(steps, spacing, variance):
+    """Driven by a prediction whose x̂_0 the core holds in [−c, c] (diffkit.diffusion.X0Bound,
+    what the pipeline applies for clip_denoised = c), the last step returns that x̂_0 itself
+    (ᾱ_s = 1 makes the posterior mean's coefficient of x_t zero and no noise is added), so
+    every value lies in [−c, c] up to float32 rounding, even for data that mostly lie outside."""
     c = 0.5
     sch = make_schedule()
     oracle = GaussianData(torch.tensor([2.0, -2.0], dtype=F64), 0.5 * torch.eye(2, dtype=F64))
-    smp = make_sampler(clip_denoised=c, steps=steps, spacing=spacing, variance=variance)
-    x = draw(oracle, sch, smp, (2000, 2), seed=7)
-    assert x.abs().max() <= c
-    # the data sit at (2, −2) with sd 0.7, so clipping is active: some samples end
-    # exactly on the bound, and on the side of the data's mean
-    assert (x[:, 0] == c).any() and (x[:, 1] == -c).any()
+    smp = make_sampler(steps=steps, spacing=spacing, variance=variance)
+    bound = D.X0Bound(sch, torch.tensor(-c), torch.tensor(c))
+    with torch.inference_mode():
+        x = smp(bound(oracle.predict(sch)), sch, (2000, 2), generator=torch.Generator().manual_seed(7))
+    assert x.abs().max() <= c + 1e-6
+    # the data sit at (2, −2) with sd 0.7, so the bound is active: many samples end on it,
+    # on the side of the data's mean, and the bound counted what it moved
+    assert (x[:, 0] > c - 1e-6).sum() > 100 and (x[:, 1] < -c + 1e-6).sum() > 100
     assert x[:, 0].mean() > 0 and x[:, 1].mean() < 0
-    # without clipping the same data are not bounded
-    free = draw(oracle, sch, make_sampler(steps=steps, spacing=spacing), (2000, 2), seed=7)
+    assert 0 < bound.share <= 1
+    # the sampler itself does not clip: the same data are not bounded without the core's bound
+    free = draw(oracle, sch, make_sampler(steps=steps, spacing=spacing, clip_denoised=c), (2000, 2), seed=7)
     assert free.abs().max() > 1.0

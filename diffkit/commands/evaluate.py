@@ -119,7 +119,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run_section = spec.data.model_dump(mode="json")
         entry = registry.get("data", run_section["type"])
         section, how = held_out_section(run_section, entry.component.params, spec.seed, args.n)
-    dataset = registry.build("data", section, BuildContext(seed=spec.seed))
+    if args.data is not None:
+        dataset = registry.build("data", section, BuildContext(seed=spec.seed))
+    else:  # the run's own data: read where it lies, never downloaded
+        dataset = pipe.build_data(section)
     section = getattr(dataset, "__diffkit_spec__", section)
     tensors = dataset.tensors()
     x = tensors[0] if tensors is not None else torch.stack([dataset[i][0] for i in range(len(dataset))])
