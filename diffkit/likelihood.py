@@ -255,6 +255,12 @@ def variational_bound(
         )
     if x0.shape[0] < 1:
         raise DiffkitError("the bound needs at least one example")
+    if not pipe.schedule.discrete:
+        raise DiffkitError(
+            f"the variational bound is computed on a discrete table of timesteps, and this run's process is"
+            f" continuous ({pipe.schedule!r}); use the exact likelihood of the probability-flow ODE instead"
+            " (diffkit evaluate RUN --method ode; diffkit.likelihood.pipeline_ode_likelihood)"
+        )
     points = pipe.context.data_kind == "points"
     device = pipe.device
     x = x0.to(device=device, dtype=torch.float32)

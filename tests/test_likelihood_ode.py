@@ -227,3 +227,8 @@ def test_images_are_dequantised_to_bits_per_dim():
     want = (float(-oracle.log_prob(x).mean()) + D * math.log(127.5)) / (D * math.log(2))
     assert abs(out["nll"] - want) * math.log(2) < 0.01, (out["nll"], want)
     assert out["nll"] == out["bpd"]
+
+
+def test_the_bound_on_a_continuous_process_points_to_the_ode(moons_run, capsys):
+    assert cli.main(["evaluate", str(moons_run), "--n", "16", "--no-progress"]) == 1
+    assert "--method ode" in capsys.readouterr().err
