@@ -250,7 +250,11 @@ class StepSamplerBase:
         return getattr(self.params, "clip_denoised", "auto")
 
     def levels(self, process: Process, steps: int, start: float | None = None) -> Tensor:
-        return process.grid(steps, getattr(self.params, "spacing", None), start=start)
+        """``process.grid(steps, params.spacing)``; with no spacing given, a discrete table's
+        'trailing' (it starts at T − 1 and spends every step on noise it can remove, Lin
+        et al. 2024) and a continuous process's own default."""
+        spacing = getattr(self.params, "spacing", None) or ("trailing" if process.discrete else None)
+        return process.grid(steps, spacing, start=start)
 
     def step(self, x: Tensor, ctx: StepContext) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -25,9 +25,9 @@ def _f64(t: Tensor | float) -> Tensor:
 class VPParams(Params):
     """The variance-preserving SDE dx = −½β(t)x dt + √β(t) dw, β linear in t ∈ [0, 1]."""
 
-    beta_min: float = Field(0.1, gt=0, description="β(0), the noise rate at the clean end (Song et al. 2021: 0.1).")
-    beta_max: float = Field(20.0, gt=0, description="β(1), the noise rate at the noisy end (Song et al. 2021: 20).")
-    t_min: float = Field(1e-3, gt=0, lt=0.5, description="The smallest t sampled and trained on (ε of Song et al. 2021).")
+    beta_min: float = Field(0.1, ge=1e-3, le=100, description="β(0), the noise rate at the clean end (Song et al. 2021: 0.1).")
+    beta_max: float = Field(20.0, ge=1e-3, le=1000, description="β(1), the noise rate at the noisy end (Song et al. 2021: 20).")
+    t_min: float = Field(1e-3, ge=1e-6, lt=0.5, description="The smallest t sampled and trained on (ε of Song et al. 2021).")
 
     @model_validator(mode="after")
     def _ordered(self) -> VPParams:
@@ -93,14 +93,21 @@ class SubVP(VP):
 class VEParams(Params):
     """σ(t) = σ_min (σ_max/σ_min)^t, α = 1: the noise levels of NCSN (Song & Ermon 2019, 2020)."""
 
-    sigma_min: float = Field(0.01, gt=0, description="The smallest noise level (Song & Ermon 2020: 0.01).")
+    sigma_min: float = Field(0.01, ge=1e-5, le=1e3, description="The smallest noise level (Song & Ermon 2020: 0.01).")
     sigma_max: float | None = Field(
         None,
-        gt=0,
+        ge=1e-4,
+        le=1e5,
         description="The largest noise level; null takes the largest distance between two training points"
         " (Song & Ermon 2020, Technique 1), so the prior covers the data.",
     )
     t_min: float = Field(1e-5, ge=0, lt=0.5, description="The smallest t sampled and trained on.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VEParams:
+        if self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        return self
 
 
 class VE(Process):
@@ -140,17 +147,18 @@ class VE(Process):
 class EDMParams(Params):
     """σ(t) = t, α = 1 with the network's input preconditioning of Karras et al. 2022 (Table 1)."""
 
-    sigma_min: float = Field(0.002, gt=0, description="The smallest noise level sampled (Karras et al. 2022: 0.002).")
-    sigma_max: float = Field(80.0, gt=0, description="The largest noise level, where sampling starts (80).")
+    sigma_min: float = Field(0.002, ge=1e-5, le=1e3, description="The smallest noise level sampled (Karras et al. 2022: 0.002).")
+    sigma_max: float = Field(80.0, ge=1e-4, le=1e5, description="The largest noise level, where sampling starts (80).")
     sigma_data: float | None = Field(
         None,
-        gt=0,
+        ge=1e-3,
+        le=1e3,
         description="The data's standard deviation σ_data; null takes 0.5 for images in [−1, 1] (Karras et"
         " al. 2022) and 1 for points, which the pipeline standardises.",
     )
-    rho: float = Field(7.0, gt=0, description="ρ of the default karras grid (Karras et al. 2022, Eq. 5).")
-    p_mean: float = Field(-1.2, description="Mean of ln σ when training draws σ (Table 1: −1.2).")
-    p_std: float = Field(1.2, gt=0, description="Standard deviation of ln σ when training draws σ (Table 1: 1.2).")
+    rho: float = Field(7.0, ge=1, le=100, description="ρ of the default karras grid (Karras et al. 2022, Eq. 5).")
+    p_mean: float = Field(-1.2, ge=-10, le=10, description="Mean of ln σ when training draws σ (Table 1: −1.2).")
+    p_std: float = Field(1.2, gt=0, le=10, description="Standard deviation of ln σ when training draws σ (Table 1: 1.2).")
 
     @model_validator(mode="after")
     def _ordered(self) -> EDMParams:

@@ -83,6 +83,7 @@ class _Runner:
 
     def predict(self, oracle: GaussianData, shape: tuple[int, ...]) -> Predict:
         exact = oracle.predict(self.schedule)
+        general = oracle.denoiser(self.schedule)
         T = self.schedule.T
         subject = self.subject
 
@@ -92,13 +93,15 @@ class _Runner:
                 f"predict was called with x_t of shape {tuple(getattr(x_t, 'shape', ()))}, not the asked {shape}",
             )
             subject.expect(
-                isinstance(t, Tensor) and not t.is_floating_point() and tuple(t.shape) == (shape[0],),
-                "predict must be called with integer timesteps of shape [batch], got "
+                isinstance(t, Tensor) and tuple(t.shape) == (shape[0],),
+                "predict must be called with timesteps of shape [batch], got "
                 + (f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__),
             )
-            lo, hi = int(t.min()), int(t.max())
-            subject.expect(0 <= lo and hi <= T - 1, f"predict was called with t in [{lo}, {hi}], outside [0, T − 1 = {T - 1}]")
-            subject.expect(bool(torch.isfinite(x_t).all()), f"the state x_t became non-finite at t = {hi}")
+            lo, hi = float(t.min()), float(t.max())
+            subject.expect(0 <= lo and hi <= T - 1, f"predict was called with t in [{lo:g}, {hi:g}], outside [0, T − 1 = {T - 1}]")
+            subject.expect(bool(torch.isfinite(x_t).all()), f"the state x_t became non-finite at t = {hi:g}")
+            if t.is_floating_point():  # a step sampler between a table's integers (the interpolated process)
+                return general(x_t, t).eps
             return exact(x_t, t)
 
         return predict

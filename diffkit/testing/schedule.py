@@ -74,6 +74,8 @@ def _check_process(subject: Subject, proc: Process, gen: torch.Generator) -> Non
     lo, hi = float(proc.t_min), float(proc.t_max)
     subject.expect(lo < hi, f"t_min ({lo}) must lie below t_max ({hi})")
     t = torch.linspace(lo, hi, 257, dtype=F64)
+    if lo == float(proc.t_clean):  # σ reaches 0 at t_min (rectified flow): the noisy times lie above it
+        t = t[1:]
     a, s = proc.alpha_sigma(t)
     subject.expect(
         bool(torch.isfinite(a).all() & torch.isfinite(s).all() & (a > 0).all() & (s > 0).all()),
