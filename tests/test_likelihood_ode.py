@@ -204,6 +204,10 @@ def test_cli_evaluate_ode_moons(moons_run, capsys):
     assert rc == 0 and "probability-flow ODE" in text and "NLL (nats)" in text
     assert cli.main(["evaluate", str(moons_run), "--method", "ode", "--rtol", "0", "--no-progress"]) == 1
     assert "--rtol must be positive" in capsys.readouterr().err
+    args = ["--divergence", "hutchinson", "--hutchinson-samples", "2", "--n", "16", "--json", "--no-progress"]
+    assert cli.main(["evaluate", str(moons_run), "--method", "ode", *args]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["divergence"] == "hutchinson (2 Rademacher probes)" and math.isfinite(report["nll"])
 
 
 def test_images_are_dequantised_to_bits_per_dim():
