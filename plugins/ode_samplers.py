@@ -58,7 +58,7 @@ class HeunParams(_StepParams):
     steps: int | None = steps_field(18)
     s_churn: float = Field(0.0, ge=0, description="S_churn: total noise added back (0: deterministic, Alg. 1).")
     s_tmin: float = Field(0.0, ge=0, description="S_tmin: churn only where σ̃ ≥ this.")
-    s_tmax: float = Field(math.inf, ge=0, description="S_tmax: churn only where σ̃ ≤ this.")
+    s_tmax: float | None = Field(None, ge=0, description="S_tmax: churn only where σ̃ ≤ this; null: no upper limit.")
     s_noise: float = Field(1.0, gt=0, description="S_noise: scale of the noise added back (slightly above 1 in EDM).")
 
 
@@ -76,7 +76,8 @@ class Heun(StepSamplerBase):
         a_t, s_t = ctx.alpha_sigma(ctx.t)
         sig_t = s_t / a_t
         y = x / a_t
-        gamma = min(p.s_churn / ctx.n, math.sqrt(2.0) - 1.0) if p.s_tmin <= sig_t <= p.s_tmax else 0.0
+        s_tmax = math.inf if p.s_tmax is None else p.s_tmax
+        gamma = min(p.s_churn / ctx.n, math.sqrt(2.0) - 1.0) if p.s_tmin <= sig_t <= s_tmax else 0.0
         t_hat, sig_hat = ctx.t, sig_t
         if gamma > 0:
             t_hat = ctx.time_of_sigma_tilde(sig_t * (1.0 + gamma))

@@ -584,6 +584,7 @@ def test_register_a_module_object(tmp_path, monkeypatch):
 def test_an_unregistered_builtin_takes_its_components_with_it():
     registry = diffkit.load_plugins()
     registry.unregister_plugin("diffkit.schedules")
+    registry.unregister_plugin("diffkit.processes")
     assert registry.all("schedule") == []
     with pytest.raises(ComponentLookupError, match=r"Available: none \(is a plugin missing\?\)"):
         registry.get("schedule", "linear")
