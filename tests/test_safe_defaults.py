@@ -173,6 +173,35 @@ def test_images_are_bounded_to_minus_one_one_and_a_number_to_plus_minus_it() -> 
     assert pipe.x0_bound(diffkit.build("sampler", "ddim", clip_denoised=None)) is None
 
 
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"type": "ddpm", "steps": 20},
+        {"type": "ddim", "steps": 20},
+        {"type": "dpm-solver", "steps": 10},
+        {"type": "guided", "base": {"type": "ddim", "steps": 20}, "guidance": {"type": "classifier-free"}},
+    ],
+    ids=["ddpm", "ddim", "dpm-solver", "cfg-ddim"],
+)
+def test_images_by_default_are_the_samples_of_clip_denoised_one(sampler: dict) -> None:
+    # The image measurements of the defaults (digits judged as confidently with the bound as
+    # 0.1's clip_denoised: 1.0; CFG digits hitting the label) carry over exactly: with every
+    # option at its default an image model draws, bit for bit, what clip_denoised: 1.0 draws.
+    ctx = BuildContext(sample_shape=(1, 8, 8), data_kind="images", num_classes=3)
+    pipe = Pipeline(denoiser={"type": "unet", "channels": 8, "channel_mult": [1], "num_classes": 3}, _context=ctx)
+    labels = 1 if sampler["type"] == "guided" else None
+    one = {**sampler, "clip_denoised": 1.0} if sampler["type"] != "guided" else {
+        **sampler, "base": {**sampler["base"], "clip_denoised": 1.0}}
+    a = pipe.sample(8, seed=0, sampler=sampler, labels=labels)
+    share = pipe.last_clipped
+    b = pipe.sample(8, seed=0, sampler=one, labels=labels)
+    assert share is not None and share > 0  # the untrained network's x̂_0 leaves [−1, 1]: the bound acts
+    assert torch.equal(a, b)
+    free = {**sampler, "clip_denoised": None} if sampler["type"] != "guided" else {
+        **sampler, "base": {**sampler["base"], "clip_denoised": None}}
+    assert not torch.equal(a, pipe.sample(8, seed=0, sampler=free, labels=labels))
+
+
 # -- the measurement of the defaults ---------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ddim", "dpm-solver"])
 def test_default_fast_samplers_put_no_moons_sample_beyond_the_recorded_range(moons: Pipeline, name: str) -> None:
