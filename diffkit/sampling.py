@@ -64,8 +64,12 @@ DenoiseFn = Callable[[Tensor, Tensor], Denoised]
 ClipDenoised = float | Literal["auto", "dynamic"] | None
 
 
-def times_tensor(t: float, n: int, device: torch.device | str) -> Tensor:
-    """t for every sample of a batch, float64 (float32 on MPS)."""
+def times_tensor(t: float, n: int, device: torch.device | str, process: Process | None = None) -> Tensor:
+    """t for every sample of a batch: a discrete table's integer timestep as int64 (what its
+    network was trained on; no check on the device needed later), float64 otherwise
+    (float32 on MPS)."""
+    if process is not None and process.discrete and float(t).is_integer():
+        return torch.full((n,), int(t), device=device, dtype=torch.long)
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
     return torch.full((n,), float(t), device=device, dtype=dtype)
 
@@ -153,11 +157,13 @@ class StepContext:
     denoise_fn: DenoiseFn
     generator: torch.Generator | None
     memory: dict[str, Any] = field(default_factory=dict)
+    known: dict[float, tuple[float, float]] = field(default_factory=dict)
+    """α, σ at the grid's times, computed once per run by the loop."""
 
     # -- the model and the noise ------------------------------------------------------
     def denoise(self, x: Tensor, t: float | None = None) -> Denoised:
         """The model's (x̂_0, ε̂) at x, at time ``t`` (default: this step's t)."""
-        return self.denoise_fn(x, times_tensor(self.t if t is None else t, x.shape[0], x.device))
+        return self.denoise_fn(x, times_tensor(self.t if t is None else t, x.shape[0], x.device, self.process))
 
     def noise(self, like: Tensor) -> Tensor:
         """A standard normal draw of ``like``'s shape from the loop's generator."""
@@ -165,6 +171,10 @@ class StepContext:
 
     # -- the process at a time, as floats ---------------------------------------------
     def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """α(t), σ(t) as Python floats (float64)."""
+        hit = self.known.get(t)
+        if hit is not None:
+            return hit
         a, s = self.process.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
         return float(a), float(s)
 
@@ -361,10 +371,12 @@ def run(
         new = callback(_report_time(times[0]), x)
         x = x if new is None else new
     memory: dict[str, Any] = {}
+    a_all, s_all = process.alpha_sigma(ts)
+    known = dict(zip(times, zip(a_all.tolist(), s_all.tolist())))
     name = getattr(sampler, "name", type(sampler).__name__.lower())
     n = len(times) - 1
     for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
-        ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory)
+        ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory, known)
         x = sampler.step(x, ctx)
         if callback is not None:
             new = callback(_report_time(times[i + 1]), x)
