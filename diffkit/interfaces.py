@@ -424,7 +424,10 @@ class Objective(ABC):
         """(x̂_0, ε̂) from the network's output. By default from :meth:`to_eps`, with
         x̂_0 = (x_t − σ ε̂)/α; objectives whose output is nearer x_0 override it."""
         if type(self).to_eps is Objective.to_eps:
-            raise NotImplementedError(f"{type(self).__name__} must define denoised() or to_eps()")
+            raise TypeError(
+                f"the objective {type(self).__name__} says neither how its output becomes x̂_0 and ε̂"
+                " (denoised) nor how it becomes ε̂ (to_eps); define one of them"
+            )
         eps = self.to_eps(output, x_t, t, process)
         a, s = process.coefficients(t, x_t)
         return (x_t - s.to(x_t.dtype) * eps) / a.to(x_t.dtype), eps

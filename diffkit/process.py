@@ -13,6 +13,7 @@ scalar.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
@@ -49,7 +50,7 @@ def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7
     return (hi + ramp * (lo - hi)) ** rho
 
 
-class Process:
+class Process(ABC):
     """The forward process x_t = α(t)·x_0 + σ(t)·ε, ε ~ N(0, I), for t in [t_min, t_max].
 
     A subclass gives :meth:`alpha_sigma`; it may also say what the network is
@@ -69,9 +70,9 @@ class Process:
     default_grid: Grid = "linspace"
 
     # -- what a subclass provides ----------------------------------------------------
+    @abstractmethod
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """α(t) and σ(t) for float64 t (any shape)."""
-        raise NotImplementedError
 
     # -- derived quantities ------------------------------------------------------------
     def log_snr(self, t: Tensor) -> Tensor:

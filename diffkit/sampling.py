@@ -17,6 +17,7 @@ function the pipeline hands the loop already includes them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
@@ -178,6 +179,10 @@ class StepContext:
         a, s = self.process.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
         return float(a), float(s)
 
+    def ends(self) -> tuple[float, float, float, float]:
+        """(α_t, σ_t, α_s, σ_s): the process at both ends of this step."""
+        return (*self.alpha_sigma(self.t), *self.alpha_sigma(self.s))
+
     @property
     def last(self) -> bool:
         """Whether this step lands on the clean data."""
@@ -244,7 +249,7 @@ class StepSampler(Protocol):
     def step(self, x: Tensor, ctx: StepContext) -> Tensor: ...
 
 
-class StepSamplerBase:
+class StepSamplerBase(ABC):
     """Shared defaults for step samplers: the grid is ``process.grid(steps, params.spacing)``."""
 
     api: ClassVar[int] = 2
@@ -266,8 +271,9 @@ class StepSamplerBase:
         spacing = getattr(self.params, "spacing", None) or ("trailing" if process.discrete else None)
         return process.grid(steps, spacing, start=start)
 
-    def step(self, x: Tensor, ctx: StepContext) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, x: Tensor, ctx: StepContext) -> Tensor:
+        """One update of the state from ``ctx.t`` to ``ctx.s``."""
 
     def __call__(
         self,

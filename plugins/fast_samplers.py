@@ -96,8 +96,7 @@ class DDIM(_FewStep):
 
     def step(self, x: Tensor, ctx: StepContext) -> Tensor:
         d = ctx.denoise(x)
-        a_t, s_t = ctx.alpha_sigma(ctx.t)
-        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_t, s_t, a_s, s_s = ctx.ends()
         eta = self.params.eta
         var = 0.0
         if eta > 0 and s_s > 0:
@@ -131,8 +130,7 @@ class DPMSolver(_FewStep):
         x0 = ctx.denoise(x).x0
         if ctx.last:
             return x0
-        a_t, s_t = ctx.alpha_sigma(ctx.t)
-        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_t, s_t, a_s, s_s = ctx.ends()
         h = (math.log(a_s) - math.log(s_s)) - (math.log(a_t) - math.log(s_t))
         mem = ctx.memory
         d = x0

@@ -346,8 +346,7 @@ class PredictorCorrector(StepSamplerBase):
         d = ctx.denoise(x)
         if ctx.last:
             return d.x0
-        a_t, s_t = ctx.alpha_sigma(ctx.t)
-        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_t, s_t, a_s, s_s = ctx.ends()
         alpha_ts = a_t / a_s
         var_ts = max(s_t * s_t - alpha_ts * alpha_ts * s_s * s_s, 0.0)
         score = -d.eps / s_t

@@ -44,8 +44,7 @@ class Euler(StepSamplerBase):
 
     def step(self, x: Tensor, ctx: StepContext) -> Tensor:
         d = ctx.denoise(x)
-        a_t, s_t = ctx.alpha_sigma(ctx.t)
-        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_t, s_t, a_s, s_s = ctx.ends()
         if ctx.last:
             return d.x0
         return (x / a_t + (s_s / a_s - s_t / a_t) * d.eps) * a_s
@@ -118,8 +117,7 @@ class EulerAncestral(StepSamplerBase):
         d = ctx.denoise(x)
         if ctx.last:
             return d.x0
-        a_t, s_t = ctx.alpha_sigma(ctx.t)
-        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_t, s_t, a_s, s_s = ctx.ends()
         sig_t, sig_s = s_t / a_t, s_s / a_s
         up = min(sig_s, self.params.eta * sig_s * math.sqrt(max(1.0 - (sig_s / sig_t) ** 2, 0.0)))
         down = math.sqrt(max(sig_s**2 - up**2, 0.0))

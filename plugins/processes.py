@@ -21,6 +21,12 @@ def _f64(t: Tensor | float) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 
 
+def _below(lo_name: str, lo: float, hi_name: str, hi: float) -> None:
+    """Refuse a range whose lower end is not below its upper end, naming both fields."""
+    if lo >= hi:
+        raise ValueError(f"{lo_name} ({lo}) must be below {hi_name} ({hi})")
+
+
 # -- variance preserving ------------------------------------------------------------------
 class VPParams(Params):
     """The variance-preserving SDE dx = −½β(t)x dt + √β(t) dw, β linear in t ∈ [0, 1]."""
@@ -31,8 +37,7 @@ class VPParams(Params):
 
     @model_validator(mode="after")
     def _ordered(self) -> VPParams:
-        if self.beta_min >= self.beta_max:
-            raise ValueError(f"beta_min ({self.beta_min}) must be below beta_max ({self.beta_max})")
+        _below("beta_min", self.beta_min, "beta_max", self.beta_max)
         return self
 
 
@@ -105,8 +110,8 @@ class VEParams(Params):
 
     @model_validator(mode="after")
     def _ordered(self) -> VEParams:
-        if self.sigma_max is not None and self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        if self.sigma_max is not None:
+            _below("sigma_min", self.sigma_min, "sigma_max", self.sigma_max)
         return self
 
 
@@ -118,8 +123,7 @@ class VE(Process):
     conditioning_scale = 999.0
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5) -> None:
-        if not sigma_min < sigma_max:
-            raise ValueError(f"sigma_min ({sigma_min}) must be below sigma_max ({sigma_max})")
+        _below("sigma_min", sigma_min, "sigma_max", sigma_max)
         self.sigma_min, self.sigma_max, self.t_min = sigma_min, sigma_max, t_min
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,8 +166,7 @@ class EDMParams(Params):
 
     @model_validator(mode="after")
     def _ordered(self) -> EDMParams:
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        _below("sigma_min", self.sigma_min, "sigma_max", self.sigma_max)
         return self
 
 

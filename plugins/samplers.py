@@ -48,8 +48,7 @@ class DDPM(StepSamplerBase):
         d = ctx.denoise(x)
         if ctx.last:
             return d.x0
-        a_t, s_t = ctx.alpha_sigma(ctx.t)
-        a_s, s_s = ctx.alpha_sigma(ctx.s)
+        a_t, s_t, a_s, s_s = ctx.ends()
         alpha_ts = a_t / a_s
         var_ts = s_t * s_t - alpha_ts * alpha_ts * s_s * s_s
         c0 = a_s * var_ts / (s_t * s_t)
