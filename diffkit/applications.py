@@ -27,6 +27,7 @@ from torch import Tensor
 
 from diffkit import diffusion as D
 from diffkit.errors import DiffkitError
+from diffkit.noise import APPLICATION, SampleNoise, fresh_seed
 from diffkit.sampling import is_step_sampler
 from diffkit.interfaces import Sampler, StepCallback
 
@@ -88,15 +89,13 @@ def _to_model(pipe: Any, x: Tensor) -> Tensor:
     return pipe._normalize(x) if pipe.data_mean is not None else x
 
 
-def _generator(pipe: Any, seed: int | None) -> torch.Generator:
-    g = torch.Generator(device=pipe.device)
-    if seed is None:
-        g.seed()
-    else:
-        from diffkit.spec import check_seed
+def _generator(pipe: Any, seed: int | None) -> tuple[torch.Generator, int]:
+    """The call's seed (a fresh one for ``None``) and a generator from it for samplers
+    written as whole loops (plugin API 1); everything else draws per sample from the seed."""
+    from diffkit.spec import check_seed
 
-        g.manual_seed(check_seed(seed))
-    return g
+    seed = fresh_seed() if seed is None else check_seed(seed)
+    return torch.Generator(device=pipe.device).manual_seed(seed), seed
 
 
 def _check_steps(pipe: Any, steps: int | None) -> None:
@@ -121,6 +120,7 @@ def _run(
     callback: StepCallback | None = None,
     x_start: Tensor | None = None,
     t_start: int | None = None,
+    noise: SampleNoise | None = None,
 ) -> Tensor:
     predict = None
     if not is_step_sampler(chosen):  # a 0.1 sampler: the bound wraps its ε̂
@@ -136,14 +136,15 @@ def _run(
         callback=callback,
         x_start=x_start,
         t_start=t_start,
+        noise=noise,
     )
     pipe._check_finite(x)
     return x
 
 
-def _noised(pipe: Any, x0: Tensor, t: int, generator: torch.Generator) -> Tensor:
-    """A draw of q(x_t | x_0) (x_0 itself for t = −1)."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+def _noised(pipe: Any, x0: Tensor, t: int, draws: SampleNoise) -> Tensor:
+    """A draw of q(x_t | x_0) (x_0 itself for t = −1), per sample from the application's own stream."""
+    noise = draws.next(APPLICATION, x0)
     return pipe.schedule.q_sample(x0, torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long), noise)
 
 
@@ -163,6 +164,7 @@ def _advance(
     steps: int | None,
     generator: torch.Generator,
     constrain: Callable[[int, Tensor], Tensor],
+    noise: SampleNoise,
 ) -> Tensor:
     """Run ``chosen`` from x_t at timestep t down to the state at timestep ``until`` (one of
     the timesteps it visits with these ``steps``), applying ``constrain`` to every state
@@ -178,7 +180,7 @@ def _advance(
         return x_u
 
     try:
-        _run(pipe, chosen, tuple(x_t.shape), generator, steps, False, callback, x_start=x_t, t_start=t)
+        _run(pipe, chosen, tuple(x_t.shape), generator, steps, False, callback, x_start=x_t, t_start=t, noise=noise)
     except _Reached as reached:
         return reached.x
     raise DiffkitError(f"the sampler {type(chosen).__name__} never reported the state at t = {until} to its callback")
@@ -231,7 +233,7 @@ def inpaint(
             f"the mask's shape {list(mask.shape)} does not broadcast to the input's shape {list(x.shape)}"
         ) from None
     chosen = _sampler(pipe, sampler)
-    generator = _generator(pipe, seed)
+    generator, seed = _generator(pipe, seed)
     device = pipe.device
     out = []
     pipe.denoiser.eval()
@@ -240,9 +242,11 @@ def inpaint(
             x0 = _to_model(pipe, x[part].to(device))
             m = known[part].to(device)
             seen: list[int] = []  # the timesteps of the states the outer walk reached
+            draws = SampleNoise(seed, part.start, part.stop - part.start)
+            nested = [0]  # the resampling runs so far: each draws its own noise
 
             def merge(t: int, x_t: Tensor) -> Tensor:
-                return torch.where(m, _noised(pipe, x0, t, generator), x_t)
+                return torch.where(m, _noised(pipe, x0, t, draws), x_t)
 
             def constrain(s: int, x_s: Tensor) -> Tensor:
                 x_s = merge(s, x_s)
@@ -254,12 +258,13 @@ def inpaint(
                     a_back = pipe.schedule.alpha_bar(torch.full((n,), back, device=device), x_s)
                     a_s = pipe.schedule.alpha_bar(torch.full((n,), s, device=device), x_s)
                     for _ in range(resample - 1):
-                        noise = torch.randn(x_s.shape, generator=generator, device=device, dtype=x_s.dtype)
+                        noise = draws.next(APPLICATION + 1, x_s)
                         x_back = D.q_sample(x_s, a_back / a_s, noise)  # q(x_back | x_s)
-                        x_s = _advance(pipe, chosen, x_back, back, s, steps, generator, merge)
+                        nested[0] += 1
+                        x_s = _advance(pipe, chosen, x_back, back, s, steps, generator, merge, draws.child(nested[0]))
                 return x_s
 
-            result = _run(pipe, chosen, tuple(x0.shape), generator, steps, progress, constrain)
+            result = _run(pipe, chosen, tuple(x0.shape), generator, steps, progress, constrain, noise=draws)
             out.append(pipe.denormalize(result).cpu())
     # the known entries exactly as given, untouched by standardisation round trips
     return torch.where(known, x, torch.cat(out))
@@ -302,14 +307,17 @@ def denoise(
     x = _batch(pipe, x, "the input")
     t0 = strength_to_timestep(strength, pipe.schedule.T)
     chosen = _sampler(pipe, sampler)
-    generator = _generator(pipe, seed)
+    generator, seed = _generator(pipe, seed)
     out = []
     pipe.denoiser.eval()
     with torch.inference_mode():
         for part in _chunks(x.shape[0], batch_size):
             x0 = _to_model(pipe, x[part].to(pipe.device))
-            x_start = _noised(pipe, x0, t0, generator)
-            result = _run(pipe, chosen, tuple(x0.shape), generator, steps, progress, x_start=x_start, t_start=t0)
+            draws = SampleNoise(seed, part.start, part.stop - part.start)
+            x_start = _noised(pipe, x0, t0, draws)
+            result = _run(
+                pipe, chosen, tuple(x0.shape), generator, steps, progress, x_start=x_start, t_start=t0, noise=draws
+            )
             out.append(pipe.denormalize(result).cpu())
     return torch.cat(out)
 
@@ -365,18 +373,19 @@ def upscale(
         )
     low = _batch(pipe, low, "the low-resolution input", (C, h, w))
     chosen = _sampler(pipe, sampler)
-    generator = _generator(pipe, seed)
+    generator, seed = _generator(pipe, seed)
     out = []
     pipe.denoiser.eval()
     with torch.inference_mode():
         for part in _chunks(low.shape[0], batch_size):
             reference = F.interpolate(_to_model(pipe, low[part].to(pipe.device)), scale_factor=factor, mode="nearest")
+            draws = SampleNoise(seed, part.start, part.stop - part.start)
 
             def refine(t: int, x_t: Tensor) -> Tensor:
-                y_t = _noised(pipe, reference, t, generator)
+                y_t = _noised(pipe, reference, t, draws)
                 return x_t - low_pass(x_t, factor) + low_pass(y_t, factor)
 
-            result = _run(pipe, chosen, (reference.shape[0], *shape), generator, steps, progress, refine)
+            result = _run(pipe, chosen, (reference.shape[0], *shape), generator, steps, progress, refine, noise=draws)
             out.append(pipe.denormalize(result).cpu())
     return torch.cat(out)
 

@@ -208,12 +208,11 @@ class X0Bound:
     def __init__(self, schedule: Any, low: Tensor | None, high: Tensor | None) -> None:
         self.schedule = schedule
         self.low, self.high = low, high
-        self.moved: Tensor | None = None
+        self.counts: list[Tensor] = []
         self.seen = 0
 
     def _count(self, moved: Tensor) -> None:
-        count = moved.sum()
-        self.moved = count if self.moved is None else self.moved + count
+        self.counts.append(moved.sum())
         self.seen += moved.numel()
 
     def _clip(self, x0: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,8 +239,28 @@ class X0Bound:
         return bounded
 
     def denoised(self, denoise: Callable[[Tensor, Tensor], Any]) -> Callable[[Tensor, Tensor], Any]:
+        from diffkit.process import known_alpha_sigma
+        from diffkit.sampling import Denoised
+
+        def fast(x_t: Tensor, t: Tensor, d: Any, a: float, s: float) -> Any:
+            # α, σ known as floats (the loop's time): clip, count, and re-derive ε̂ only if a step reads it
+            x0 = d.x0
+            if self.low is None or self.high is None:
+                clipped, moved = self._clip(x0)
+            else:
+                clipped = torch.clamp(x0, self.low.to(x0), self.high.to(x0))
+                moved = clipped != x0
+            self._count(moved)
+            if s <= 0:
+                return Denoised(clipped, d.eps)
+            eps0 = d.eps
+            return Denoised(clipped, make_eps=lambda: torch.where(moved, (x_t - clipped * a) / s, eps0))
+
         def bounded(x_t: Tensor, t: Tensor) -> Any:
             d = denoise(x_t, t)
+            known = known_alpha_sigma(t)
+            if known is not None:
+                return fast(x_t, t, d, *known)
             x0, moved = self._clip(d.x0)
             a, s = (c.to(x_t.dtype) for c in self.schedule.coefficients(t, x_t))
             s_safe = torch.where(s > 0, s, torch.ones_like(s))
@@ -254,6 +273,6 @@ class X0Bound:
     @property
     def share(self) -> float:
         """Share of the x̂_0 values predicted so far that the bound moved (0 before any)."""
-        if self.moved is None or self.seen == 0:
+        if not self.counts or self.seen == 0:
             return 0.0
-        return float(self.moved.item()) / self.seen
+        return float(torch.stack(self.counts).sum().item()) / self.seen

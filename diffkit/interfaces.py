@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from diffkit import diffusion as D
-from diffkit.process import Grid, Process, karras_sigmas
+from diffkit.process import Grid, Process, karras_sigmas, known_alpha_sigma
 
 __all__ = [
     "Schedule",
@@ -429,6 +429,9 @@ class Objective(ABC):
                 " (denoised) nor how it becomes ε̂ (to_eps); define one of them"
             )
         eps = self.to_eps(output, x_t, t, process)
+        known = known_alpha_sigma(t)
+        if known is not None:  # the sampling loop's time: α, σ as floats, the same arithmetic
+            return (x_t - eps * known[1]) / known[0], eps
         a, s = process.coefficients(t, x_t)
         return (x_t - s.to(x_t.dtype) * eps) / a.to(x_t.dtype), eps
 

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from diffkit.interfaces import (
     network_output,
 )
 from diffkit.plugins import get_registry
+from diffkit.noise import NoiseMode, SampleNoise, fresh_seed
 from diffkit.process import Process
 from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
 from diffkit.sampling import run as run_loop
@@ -175,7 +177,7 @@ class Pipeline:
         # [low, high] of the standardised training data per coordinate, widened (point data):
         # the default bound on x̂_0 when sampling (diffkit.diffusion.data_range).
         self.data_range: Tensor | None = None
-        self._bound: D.X0Bound | None = None  # the bound on x̂_0 of the last sampling call
+        self._per_thread = _PerThread()  # what a sampling call leaves behind, per thread
         self._online: nn.Module | None = None  # the raw trained weights; self.denoiser holds their EMA
         self.steps_trained = 0
         self.classifier_steps_trained = 0  # of classifier guidance's classifier, where there is one
@@ -640,13 +642,15 @@ class Pipeline:
         callback: StepCallback | None = None,
         x_start: Tensor | None = None,
         t_start: float | None = None,
+        noise: SampleNoise | None = None,
     ) -> Tensor:
         """Run ``chosen`` once over a batch of ``shape`` (model space).
 
         A step sampler (plugin API 2) runs in :func:`diffkit.sampling.run` on
         :meth:`denoise_fn` (``predict``, if given, replaces the network's ε̂: guidance),
         bounded as its ``clip_denoised`` says; a 0.1 sampler (a whole loop) is called
-        with ``predict`` on a discrete table."""
+        with ``predict`` on a discrete table. ``noise`` makes a step sampler's draws per
+        sample (:mod:`diffkit.noise`); without it they come from ``generator``."""
         device = self.device
         if is_step_sampler(chosen):
             denoise = self.denoise_fn(cond, predict)
@@ -665,6 +669,7 @@ class Pipeline:
                     callback=callback,
                     x_start=x_start,
                     t_start=t_start,
+                    noise=noise,
                 )
             except ValueError as e:
                 raise DiffkitError(str(e)) from None
@@ -719,6 +724,15 @@ class Pipeline:
         return D.X0Bound(self.schedule, low.to(self.device), high.to(self.device))
 
     @property
+    def _bound(self) -> D.X0Bound | None:
+        """The bound on x̂_0 of this thread's last sampling call (each thread sees its own)."""
+        return getattr(self._per_thread, "bound", None)
+
+    @_bound.setter
+    def _bound(self, bound: D.X0Bound | None) -> None:
+        self._per_thread.bound = bound
+
+    @property
     def last_clipped(self) -> float | None:
         """Share of the x̂_0 values predicted in the last :meth:`sample` (or application) call
         that its bound moved; ``None`` where x̂_0 was not bounded (``clip_denoised: null``) or
@@ -770,6 +784,7 @@ class Pipeline:
         batch_size: int | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
+        noise: NoiseMode = "per-sample",
     ) -> Tensor:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
@@ -777,7 +792,12 @@ class Pipeline:
         asks for another number of reverse steps; ``batch_size`` (default :meth:`default_batch_size`)
         bounds the memory of sampling by drawing in chunks, though the ``n`` samples
         returned are held together (:meth:`sample_batches` yields them chunk by chunk).
-        The same ``seed`` and ``batch_size`` give the same samples.
+        A ``seed`` fixes every sample on its own: sample i of ``sample(n, seed)`` is sample i
+        of ``sample(m, seed)`` for any n, m > i, any ``batch_size`` and any device (the noise
+        is per sample, :mod:`diffkit.noise`; only the network's float rounding may differ).
+        ``noise="batch"`` draws as 0.1 did, from one generator across the batch (the samples
+        then depend on ``n`` and ``batch_size``); samplers written as whole loops (plugin
+        API 1) always do.
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
@@ -797,6 +817,7 @@ class Pipeline:
                 batch_size=batch_size,
                 progress=progress,
                 callback=callback,
+                noise=noise,
             )
         )
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
@@ -820,6 +841,7 @@ class Pipeline:
         batch_size: int | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
+        noise: NoiseMode = "per-sample",
     ) -> Iterator[Tensor]:
         """:meth:`sample`'s ``n`` samples, chunk by chunk of ``batch_size`` as they are
         drawn (on the CPU, in data coordinates), so that only one chunk is held at a time.
@@ -838,8 +860,11 @@ class Pipeline:
         y = None if labels is None else self._labels(labels, n)
         steer = self._steering(chosen, y, guidance_scale)
         own = getattr(chosen, "guidance", None)
+        if noise not in ("per-sample", "batch"):
+            raise DiffkitError(f"noise must be 'per-sample' or 'batch', got {noise!r}")
+        seed = check_seed(seed) if seed is not None else fresh_seed()
         generator = torch.Generator(device=device)
-        generator.manual_seed(check_seed(seed)) if seed is not None else generator.seed()
+        generator.manual_seed(seed)
         given = self.conditional_predictor()
         bound = self._bound = self.x0_bound(chosen)
         stepped = is_step_sampler(chosen)
@@ -878,6 +903,7 @@ class Pipeline:
                         steps=steps,
                         progress=progress,
                         callback=callback,
+                        noise=SampleNoise(seed, start, m) if noise == "per-sample" else None,
                     )
                     x = self.denormalize(x)
                     self._check_finite(x, guidance_scale, labelled=y is not None)
@@ -1185,6 +1211,17 @@ class Pipeline:
 
 
 DIAMETER_SAMPLES = 2048
+
+
+class _PerThread(threading.local):
+    """State of the last sampling call, one per thread, so that threads sampling from one
+    pipeline at once do not see each other's; a copy of the pipeline starts without any."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PerThread:
+        return _PerThread()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_PerThread, ())
 
 
 def data_diameter(dataset: Dataset, limit: int = DIAMETER_SAMPLES) -> float | None:

@@ -31,6 +31,22 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
+ALPHA_SIGMA = "_diffkit_alpha_sigma"
+
+
+def mark_alpha_sigma(t: Tensor, alpha_sigma: tuple[float, float]) -> Tensor:
+    """``t`` (every entry the same time) marked with its α, σ as floats, so that the
+    conversions it reaches skip recomputing them (:func:`known_alpha_sigma`). Only the
+    tensor object itself carries the mark: anything computed from it does not."""
+    setattr(t, ALPHA_SIGMA, alpha_sigma)
+    return t
+
+
+def known_alpha_sigma(t: Tensor) -> tuple[float, float] | None:
+    """α(t), σ(t) as floats where ``t`` is a batch of one time marked by the sampling loop, else ``None``."""
+    return getattr(t, ALPHA_SIGMA, None)
+
+
 def _f64(t: Tensor | float) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 

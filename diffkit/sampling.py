@@ -18,16 +18,17 @@ function the pipeline hands the loop already includes them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffkit.process import GRIDS, Grid, Process
+from diffkit.noise import PRIOR, SampleNoise
+from diffkit.process import GRIDS, Grid, Process, mark_alpha_sigma
 
 __all__ = [
     "Denoised",
@@ -51,12 +52,43 @@ __all__ = [
 ]
 
 
-class Denoised(NamedTuple):
+class Denoised:
     """The model's estimates at (x_t, t): the clean data x̂_0 and the noise ε̂, consistent
-    with each other: x_t = α(t)·x̂_0 + σ(t)·ε̂."""
+    with each other: x_t = α(t)·x̂_0 + σ(t)·ε̂.
 
-    x0: Tensor
-    eps: Tensor
+    Unpacks as the pair ``x0, eps``. ε̂ may be given as a function computing it on first
+    use (``make_eps``): a bound on x̂_0 re-derives ε̂ only for the samplers that read it.
+    """
+
+    __slots__ = ("x0", "_eps", "_make_eps")
+
+    def __init__(self, x0: Tensor, eps: Tensor | None = None, make_eps: Callable[[], Tensor] | None = None) -> None:
+        if eps is None and make_eps is None:
+            raise TypeError("Denoised needs eps or make_eps")
+        self.x0, self._eps, self._make_eps = x0, eps, make_eps
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            assert self._make_eps is not None
+            self._eps, self._make_eps = self._make_eps(), None
+        return self._eps
+
+    def __iter__(self) -> Iterator[Tensor]:
+        yield self.x0
+        yield self.eps
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Tensor:
+        return (self.x0, self.eps)[i]
+
+    def _replace(self, **fields: Tensor) -> Denoised:
+        return Denoised(fields.get("x0", self.x0), fields["eps"] if "eps" in fields else self.eps)
+
+    def __repr__(self) -> str:
+        return f"Denoised(x0={self.x0!r}, eps={self.eps!r})"
 
 
 DenoiseFn = Callable[[Tensor, Tensor], Denoised]
@@ -160,14 +192,26 @@ class StepContext:
     memory: dict[str, Any] = field(default_factory=dict)
     known: dict[float, tuple[float, float]] = field(default_factory=dict)
     """α, σ at the grid's times, computed once per run by the loop."""
+    source: SampleNoise | None = None
+    """The per-sample noise of the run (:mod:`diffkit.noise`); ``generator`` is used without one."""
+    draws: int = 0
+    """Noise draws made so far in this step: the k-th draw is slot k of the step's position."""
 
     # -- the model and the noise ------------------------------------------------------
     def denoise(self, x: Tensor, t: float | None = None) -> Denoised:
         """The model's (x̂_0, ε̂) at x, at time ``t`` (default: this step's t)."""
-        return self.denoise_fn(x, times_tensor(self.t if t is None else t, x.shape[0], x.device, self.process))
+        t = self.t if t is None else t
+        tt = times_tensor(t, x.shape[0], x.device, self.process)
+        return self.denoise_fn(x, mark_alpha_sigma(tt, self.alpha_sigma(t)))
 
     def noise(self, like: Tensor) -> Tensor:
-        """A standard normal draw of ``like``'s shape from the loop's generator."""
+        """A standard normal draw of ``like``'s shape: per sample, a function of (seed,
+        sample, step, draw) (:class:`~diffkit.noise.SampleNoise`) in a pipeline's run; from
+        the loop's generator otherwise."""
+        k = self.draws
+        self.draws = k + 1
+        if self.source is not None:
+            return self.source.normal(k, self.i + 1, like)
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
     # -- the process at a time, as floats ---------------------------------------------
@@ -353,6 +397,7 @@ def run(
     x_start: Tensor | None = None,
     t_start: float | None = None,
     levels: Tensor | None = None,
+    noise: SampleNoise | None = None,
 ) -> Tensor:
     """Draw samples of ``shape`` with ``sampler``'s steps over its grid.
 
@@ -361,12 +406,22 @@ def run(
     state and every state reached (t = ``process.t_clean`` for the clean result; integers
     on a discrete table) and may return a replacement (inpainting constrains the state
     this way). ``levels`` overrides the grid.
+
+    Randomness: with ``noise`` (a :class:`~diffkit.noise.SampleNoise` for the batch's samples)
+    every draw is per sample: the prior is slot 0 at position 0, step j's k-th draw slot k
+    at position j + 1, so a sample does not depend on the batch it is drawn in. Without it,
+    draws come from ``generator`` in order (0.1's noise, which depends on the batch).
     """
     n_steps = resolve_steps(sampler, process, steps)
     ts = sampler.levels(process, n_steps, t_start) if levels is None else levels
     ts = torch.as_tensor(ts, dtype=torch.float64).reshape(-1)
+    if noise is not None and noise.positions is None:
+        noise.positions = len(ts)  # how far ahead its streams draw (no value depends on it)
     if x_start is None:
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if noise is not None:
+            x = noise.normal(PRIOR, 0, tuple(shape), dtype=dtype, device=device)
+        else:
+            x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
         std = process.prior_std()
         if std != 1.0:
             x = x * std
@@ -382,7 +437,7 @@ def run(
     name = getattr(sampler, "name", type(sampler).__name__.lower())
     n = len(times) - 1
     for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
-        ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory, known)
+        ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory, known, noise)
         x = sampler.step(x, ctx)
         if callback is not None:
             new = callback(_report_time(times[i + 1]), x)

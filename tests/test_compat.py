@@ -2,7 +2,9 @@
 
 ``tests/data/run-0.1`` and ``tests/data/samples-0.1.npz`` were written by diffkit 0.1 with
 ``tests/data/make_run_0_1.py`` (a small ε-model of two moons on a linear table of T = 100).
-0.1's samplers did not bound x̂_0, so the comparison asks for ``clip_denoised: null``.
+0.1's samplers did not bound x̂_0, so the comparison asks for ``clip_denoised: null``, and
+0.1 drew its noise from one generator across the batch, which ``noise="batch"`` reproduces
+(the default draws it per sample, so that a seed fixes a sample whatever the batch).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def old_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_0_1_run_draws_the_samples_it_drew_then(old_run: Path, name: str) -> None:
     expected = np.load(DATA / "samples-0.1.npz")[name]
     pipe = Pipeline.load(old_run)
-    x = pipe.sample(16, seed=7, sampler={**SAMPLERS[name], "clip_denoised": None})
+    x = pipe.sample(16, seed=7, sampler={**SAMPLERS[name], "clip_denoised": None}, noise="batch")
     np.testing.assert_allclose(x.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
