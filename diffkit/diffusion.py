@@ -209,10 +209,16 @@ class X0Bound:
         self.schedule = schedule
         self.low, self.high = low, high
         self.counts: list[Tensor] = []
+        self.tally: Tensor | None = None
         self.seen = 0
 
     def _count(self, moved: Tensor) -> None:
-        self.counts.append(moved.sum())
+        # an elementwise running count per position (cheaper per step than a reduction), summed when read
+        if self.tally is None or self.tally.shape != moved.shape or self.tally.device != moved.device:
+            if self.tally is not None:
+                self.counts.append(self.tally.sum())
+            self.tally = torch.zeros(moved.shape, dtype=torch.int32, device=moved.device)
+        self.tally.add_(moved)
         self.seen += moved.numel()
 
     def _clip(self, x0: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,8 +259,8 @@ class X0Bound:
             self._count(moved)
             if s <= 0:
                 return Denoised(clipped, d.eps)
-            eps0 = d.eps
-            return Denoised(clipped, make_eps=lambda: torch.where(moved, (x_t - clipped * a) / s, eps0))
+            eps0 = d.eps  # consistent with x0: moving x̂_0 by δ moves ε̂ by −δ·α/σ (0 where in range)
+            return Denoised(clipped, make_eps=lambda: torch.add(eps0, x0 - clipped, alpha=a / s))
 
         def bounded(x_t: Tensor, t: Tensor) -> Any:
             d = denoise(x_t, t)
@@ -273,6 +279,9 @@ class X0Bound:
     @property
     def share(self) -> float:
         """Share of the x̂_0 values predicted so far that the bound moved (0 before any)."""
-        if not self.counts or self.seen == 0:
+        if self.seen == 0:
             return 0.0
-        return float(torch.stack(self.counts).sum().item()) / self.seen
+        moved = sum(int(c.item()) for c in self.counts)
+        if self.tally is not None:
+            moved += int(self.tally.sum().item())
+        return moved / self.seen

@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from diffkit import diffusion as D
-from diffkit.process import Grid, Process, karras_sigmas, known_alpha_sigma
+from diffkit.process import Grid, Process, karras_sigmas, known_alpha_sigma, network_inputs
 
 __all__ = [
     "Schedule",
@@ -375,9 +375,8 @@ def network_output(
 ) -> Tensor:
     """The network's raw output at (x_t, t): it sees c_in(t)·x_t and the process's
     conditioning value c(t) (Karras et al. 2022, Eq. 7: F_θ(c_in x; c_noise))."""
-    c_in = process.input_scale(t)
-    x = x_t if c_in is None else D.expand_like(c_in.to(device=x_t.device, dtype=x_t.dtype), x_t) * x_t
-    return denoiser(x, process.conditioning(t).to(x_t.device), cond)
+    c_in, c_noise = network_inputs(process, t, x_t)
+    return denoiser(x_t if c_in is None else c_in * x_t, c_noise, cond)
 
 
 class Objective(ABC):

@@ -34,12 +34,42 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
 ALPHA_SIGMA = "_diffkit_alpha_sigma"
 
 
-def mark_alpha_sigma(t: Tensor, alpha_sigma: tuple[float, float]) -> Tensor:
-    """``t`` (every entry the same time) marked with its α, σ as floats, so that the
-    conversions it reaches skip recomputing them (:func:`known_alpha_sigma`). Only the
+def mark_alpha_sigma(t: Tensor, alpha_sigma: tuple[float, float], time: float | None = None) -> Tensor:
+    """``t`` (every entry the same time, ``time``) marked with its α, σ as floats, so that
+    the conversions it reaches skip recomputing them (:func:`known_alpha_sigma`). Only the
     tensor object itself carries the mark: anything computed from it does not."""
     setattr(t, ALPHA_SIGMA, alpha_sigma)
+    if time is not None:
+        setattr(t, TIME, float(time))
     return t
+
+
+TIME = "_diffkit_time"
+
+
+def network_inputs(process: Process, t: Tensor, like: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(c_in(t) broadcast against ``like`` or ``None``, the conditioning c(t) on ``like``'s
+    device): what the network is given besides x_t. For a batch of one time marked by the
+    loop (:func:`mark_alpha_sigma`) they are computed once per (time, batch, device, dtype)
+    and kept on the process (a grid revisits its times every run); the network must not
+    write into them."""
+    time = getattr(t, TIME, None)
+    key = None
+    if time is not None:
+        key = (time, t.shape[0], like.device, like.dtype, like.ndim)
+        hit = process.__dict__.setdefault("_network_inputs", {}).get(key)
+        if hit is not None:
+            return hit
+    c_in = process.input_scale(t)
+    if c_in is not None:
+        c_in = c_in.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+    out = (c_in, process.conditioning(t).to(like.device))
+    if key is not None:
+        cache = process.__dict__["_network_inputs"]
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[key] = out
+    return out
 
 
 def known_alpha_sigma(t: Tensor) -> tuple[float, float] | None:

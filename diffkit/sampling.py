@@ -202,7 +202,7 @@ class StepContext:
         """The model's (x̂_0, ε̂) at x, at time ``t`` (default: this step's t)."""
         t = self.t if t is None else t
         tt = times_tensor(t, x.shape[0], x.device, self.process)
-        return self.denoise_fn(x, mark_alpha_sigma(tt, self.alpha_sigma(t)))
+        return self.denoise_fn(x, mark_alpha_sigma(tt, self.alpha_sigma(t), t))
 
     def noise(self, like: Tensor) -> Tensor:
         """A standard normal draw of ``like``'s shape: per sample, a function of (seed,

@@ -9,13 +9,15 @@ are those of :mod:`diffkit.diffusion`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from diffkit import BuildContext, Component, Objective, Params, Schedule, hookimpl
 from diffkit import diffusion as D
-from diffkit.process import Process, log_normal_sigma
+from diffkit.process import TIME, Process, known_alpha_sigma, log_normal_sigma
 
 
 class _ObjectiveParams(Params):
@@ -114,6 +116,12 @@ class Flow(Objective):
         return da * x0 + ds * eps
 
     def denoised(self, output: Tensor, x_t: Tensor, t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+        known, time = known_alpha_sigma(t), getattr(t, TIME, None)
+        if known is not None and time is not None:  # the loop's time: the same solve on floats
+            a, s = known
+            da, ds = (float(v) for v in process.derivatives(torch.tensor(time, dtype=torch.float64)))
+            det = a * ds - s * da
+            return x_t * (ds / det) - output * (s / det), output * (a / det) - x_t * (da / det)
         a, s = process.coefficients(t, x_t)
         da, ds = _derivatives(process, t, x_t, cast=False)
         det = a * ds - s * da
@@ -167,6 +175,14 @@ class EDMObjective(Objective):
         return (x0 - (c_skip / a).to(dt) * x_t) / c_out.to(dt)
 
     def denoised(self, output: Tensor, x_t: Tensor, t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+        known = known_alpha_sigma(t)
+        if known is not None and known[1] > 0:  # the loop's time: the same formulas on floats
+            a, s = known
+            sig, sd2 = s / a, self.sigma_data**2
+            c_skip = sd2 / (sig * sig + sd2)
+            c_out = sig * self.sigma_data / math.sqrt(sig * sig + sd2)
+            x0 = torch.add(x_t * (c_skip / a), output, alpha=c_out)
+            return x0, (x_t - (x0 if a == 1.0 else x0 * a)) / s
         a, c_skip, c_out = self._c(process, t, x_t)
         _, s = process.coefficients(t, x_t)
         dt = x_t.dtype
