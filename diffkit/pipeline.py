@@ -26,7 +26,7 @@ from diffkit import checkpoint, distributed, memory, rundir
 from diffkit import diffusion as D
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, PluginError, SpecError
 from diffkit.interfaces import (
     BuildContext,
     CondPredict,
@@ -43,9 +43,9 @@ from diffkit.interfaces import (
 )
 from diffkit.plugins import get_registry
 from diffkit.process import Process
-from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
+from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time, times_tensor
 from diffkit.sampling import run as run_loop
-from diffkit.registry import Registry
+from diffkit.registry import Entry, Registry, loop_sampler_problem, plugin_fault
 from diffkit.requirements import check_requirements
 from diffkit.spec import (
     SECTIONS,
@@ -55,6 +55,7 @@ from diffkit.spec import (
     dump_spec,
     iter_sections,
     load_spec,
+    parse_spec_file,
     to_dict,
     using_registry,
     validate_spec,
@@ -169,6 +170,7 @@ class Pipeline:
             self.denoiser: nn.Module = self._build("denoiser", denoiser)
             self.objective: Objective = self._build("objective", objective)
             self.sampler: Sampler = self._build("sampler", sampler)
+        self._check_loop_sampler(self.sampler)
         # Standardisation of point data, fitted on the training set (None for images).
         self.data_mean: Tensor | None = None
         self.data_std: Tensor | None = None
@@ -222,12 +224,67 @@ class Pipeline:
                 return self.registry.build(kind, value, self.context)
         return value
 
+    def entry_of(self, obj: Any, kind: str) -> Entry | None:
+        """The registry entry a component was built from (``None`` for one built by hand)."""
+        tag = (getattr(obj, "__diffkit_spec__", None) or {}).get("type")
+        try:
+            return None if tag is None else self.registry.get(kind, str(tag))
+        except DiffkitError:
+            return None
+
+    def _check_loop_sampler(self, sampler: Any) -> None:
+        """Refuse a plugin API version 1 sampler (a whole loop over a table) on a continuous process."""
+        entry = self.entry_of(sampler, "sampler")
+        why = None if entry is None else loop_sampler_problem(entry, sampler, self.schedule)
+        if why is not None:
+            raise DiffkitError(why)
+
+    def check_denoiser_output(self, net: nn.Module | None = None, device: torch.device | None = None) -> None:
+        """One forward pass of the denoiser on two samples of the data's shape, checked to
+        return x_t's shape (what every objective and sampler assumes); torch's random state,
+        the network's mode and its weights and statistics are left as they were."""
+        net = self.denoiser if net is None else net
+        device = self.device if device is None else device
+        x = torch.zeros((2, *self.context.sample_shape), device=device)
+        t = times_tensor(self.schedule.t_max, 2, device, self.schedule)
+        cond = torch.zeros(2, dtype=torch.long, device=device) if getattr(net, "num_classes", None) else None
+        training = net.training
+        devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                net.eval()
+                out = network_output(net, self.schedule, x, t, cond)
+        except DiffkitError:
+            raise
+        except Exception as exc:
+            entry = self.entry_of(self.denoiser, "denoiser")
+            if entry is None:
+                raise
+            raise plugin_fault(entry, "denoiser", exc) from exc
+        finally:
+            net.train(training)
+        self._check_output(out, x)
+
+    def _check_output(self, out: Any, x_t: Tensor) -> None:
+        if isinstance(out, Tensor) and out.shape == x_t.shape:
+            return
+        entry = self.entry_of(self.denoiser, "denoiser")
+        what = entry.described if entry is not None else f"the denoiser {type(self.denoiser).__name__}"
+        got = f"a tensor of shape {list(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        raise DiffkitError(
+            f"{what} returned {got} for x_t of shape {list(x_t.shape)}; a denoiser must return a tensor of x_t's shape"
+            " (docs/plugins.md, diffkit_denoisers)"
+        )
+
     def _check_size(self, kind: str, value: Config, nbytes: int | None = None, **training: Any) -> None:
         """Refuse a network too large for the memory before allocating it (``nbytes``
         counted on the meta device unless given), naming the spec fields (those changed
         from their defaults) that set its size."""
         if nbytes is None:
-            nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+            try:
+                nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+            except PluginError:  # it cannot build on the meta device; building it for real reports its fault
+                nbytes = None
         if nbytes is None:
             return
         config = _as_config(value)
@@ -424,6 +481,7 @@ class Pipeline:
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
+        self.check_denoiser_output(online, device)
         ema = EMA(online, config.ema_decay, target=self.denoiser)
         ema.updates = self.steps_trained
         if dist.is_writer and (dist.distributed or config.grad_accum > 1):
@@ -606,7 +664,9 @@ class Pipeline:
         net, objective, process = self.denoiser, self.objective, self.schedule
 
         def predict(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-            return objective.to_eps(network_output(net, process, x_t, t, cond), x_t, t, process)
+            out = network_output(net, process, x_t, t, cond)
+            self._check_output(out, x_t)
+            return objective.to_eps(out, x_t, t, process)
 
         return predict
 
@@ -621,7 +681,9 @@ class Pipeline:
 
         def denoise(x_t: Tensor, t: Tensor) -> Denoised:
             tt = table_time(process, t)
-            x0, eps = objective.denoised(network_output(net, process, x_t, tt, cond), x_t, tt, process)
+            out = network_output(net, process, x_t, tt, cond)
+            self._check_output(out, x_t)
+            x0, eps = objective.denoised(out, x_t, tt, process)
             return Denoised(x0, eps)
 
         return denoise
@@ -668,6 +730,10 @@ class Pipeline:
                 )
             except ValueError as e:
                 raise DiffkitError(str(e)) from None
+        entry = self.entry_of(chosen, "sampler")
+        why = None if entry is None else loop_sampler_problem(entry, chosen, self.schedule)
+        if why is not None:
+            raise DiffkitError(why)
         if not isinstance(self.schedule, Schedule):
             raise DiffkitError(
                 f"the sampler {type(chosen).__name__} is written for 0.1's discrete tables (a whole loop over"
@@ -1056,18 +1122,32 @@ class Pipeline:
             raise DiffkitError(f"{directory} has no {SPEC_FILE}; it is not a finished diffkit run")
         registry = registry or get_registry()
         meta = _read_meta(directory / META_FILE)
-        spec = load_spec(directory / SPEC_FILE, registry)
-        context = BuildContext(
-            sample_shape=tuple(meta["sample_shape"]),
-            num_classes=meta.get("num_classes"),
-            seed=spec.seed,
-            data_kind=meta.get("data_kind", "points"),
-            data_diameter=meta.get("data_diameter"),
+        # each component from the plugin that built it, whatever has been installed since
+        raw, changed = checkpoint.resolve_recorded_components(
+            parse_spec_file(directory / SPEC_FILE), meta.get("components"), registry, directory
         )
-        pipe = cls._from_validated(spec, registry, context)
-        pipe._run_dir = directory
-        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
-        pipe._load_state(tensors, directory)
+        try:
+            spec = validate_spec(raw, registry, source=str(directory / SPEC_FILE))
+            context = BuildContext(
+                sample_shape=tuple(meta["sample_shape"]),
+                num_classes=meta.get("num_classes"),
+                seed=spec.seed,
+                data_kind=meta.get("data_kind", "points"),
+                data_diameter=meta.get("data_diameter"),
+            )
+            pipe = cls._from_validated(spec, registry, context)
+            pipe._run_dir = directory
+            tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
+            pipe._load_state(tensors, directory)
+        except SpecError as exc:
+            if not changed:
+                raise
+            note = f"(other plugin versions than the run's: {'; '.join(changed)})"
+            raise SpecError([*exc.problems, ("", note)], exc.source) from None
+        except DiffkitError as exc:
+            if not changed:
+                raise
+            raise DiffkitError(f"{exc} (other plugin versions than the run's: {'; '.join(changed)})") from None
         pipe.steps_trained = int(meta.get("steps_trained", 0))
         pipe._load_classifier(directory, meta)
         if device is not None:
@@ -1081,6 +1161,16 @@ class Pipeline:
         path = directory / WEIGHTS_FILE
         own = self.denoiser.state_dict()
         _check_tensors(path, tensors, {**{f"denoiser.{k}": v for k, v in own.items()}, **{f"online.{k}": v for k, v in own.items()}})
+        expected = self.denoiser.state_dict()
+        for prefix in ("denoiser.", "online."):
+            saved = part(prefix)
+            mismatch = checkpoint.state_dict_mismatch(expected, saved) if saved or prefix == "denoiser." else None
+            if mismatch is not None:
+                entry = self.entry_of(self.denoiser, "denoiser")
+                what = f" ({entry.described})" if entry is not None else ""
+                raise DiffkitError(
+                    f"the weights in {path} ('{prefix}*') do not fit the denoiser its spec describes{what}: {mismatch}"
+                )
         try:
             self.denoiser.load_state_dict(part("denoiser."))
             online = part("online.")
@@ -1114,6 +1204,9 @@ class Pipeline:
             return
         tensors = checkpoint.load_tensors(path, meta["sha256"].get(CLASSIFIER_FILE))
         _check_tensors(path, tensors, classifier.state_dict())
+        mismatch = checkpoint.state_dict_mismatch(classifier.state_dict(), tensors)
+        if mismatch is not None:
+            raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes: {mismatch}")
         try:
             classifier.load_state_dict(tensors)
         except RuntimeError as exc:
