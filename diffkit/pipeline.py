@@ -933,6 +933,7 @@ class Pipeline:
                         predict = LabelledPredict(given, y_chunk, guidance_scale, finish)
                 elif not stepped:
                     predict = finish(self.predictor())
+                global_state = torch.get_rng_state() if seed is not None else None
                 with torch.inference_mode():
                     x = self.run_sampler(
                         chosen,
@@ -945,12 +946,26 @@ class Pipeline:
                         progress=progress,
                         callback=callback,
                     )
+                    if global_state is not None and not torch.equal(global_state, torch.get_rng_state()):
+                        raise DiffkitError(self._global_rng_message(chosen, seed))
                     x = self.denormalize(x)
                     self._check_finite(x, guidance_scale, labelled=y is not None)
                     x = x.cpu()
                 yield x
 
         return draw()
+
+    def _global_rng_message(self, chosen: Any, seed: int | None) -> str:
+        """Sampling drew from torch's global generator: name the components that may have."""
+        parts = [(chosen, "sampler"), (self.denoiser, "denoiser")]
+        entries = [e for obj, kind in parts if (e := self.entry_of(obj, kind)) is not None]
+        suspects = [e.described for e in entries if e.distribution != "diffkit"] or [e.described for e in entries]
+        return (
+            f"sampling drew random numbers from torch's global generator, so seed={seed} does not reproduce these"
+            f" samples; {' or '.join(suspects) or 'a component built by hand'} must draw its noise from the sampling"
+            " loop (ctx.noise(x) in a step; the generator argument in a 0.1 sampler). diffkit.testing.check_sampler"
+            " finds which"
+        )
 
     def _labels(self, labels: Labels, n: int) -> Tensor:
         """``labels`` as ``[n]`` long, checked against the data's classes."""

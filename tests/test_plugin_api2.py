@@ -291,12 +291,28 @@ def test_a_denoiser_of_the_wrong_shape_is_refused_before_training_and_when_sampl
     assert code == 1 and message in err and "Traceback" not in err
 
 
-# -- global RNG: the conformance kit names it -----------------------------------------------------------------
+# -- global RNG: the conformance kit names it, and seeded sampling refuses it ----------------------------------
 def test_the_kit_names_a_sampler_drawing_from_the_global_generator(make_dist):
     install(make_dist, "global_rng")
     diffkit.set_registry(diffkit.load_plugins())
     with pytest.raises(ConformanceError, match=r"sampler 'global-ddpm': two runs with the same seed differ"):
         check_sampler("global-ddpm", {"steps": 50}, n=1000)
+
+
+def test_seeded_sampling_refuses_a_sampler_drawing_from_the_global_generator(make_dist):
+    install(make_dist, "global_rng")
+    registry = diffkit.load_plugins()
+    body = {**POINTS, "schedule": {"type": "linear", "timesteps": 50}, "train": TINY_TRAIN}
+    pipe = Pipeline.from_spec({**body, "sampler": {"type": "global-ddpm", "steps": 10}}, registry)
+    with pytest.raises(diffkit.DiffkitError) as err:
+        pipe.sample(8, seed=0)
+    assert str(err.value).startswith(
+        "sampling drew random numbers from torch's global generator, so seed=0 does not reproduce these samples;"
+        " sampler 'global-ddpm' of plugin 'global-rng' (acme-global-rng 1.0) must draw its noise from the sampling loop"
+    )
+    assert pipe.sample(8).shape == (8, 2)  # without a seed nothing is promised
+    builtin = Pipeline.from_spec({**body, "sampler": {"type": "ddpm", "steps": 10}}, registry)
+    assert torch.equal(builtin.sample(8, seed=0), builtin.sample(8, seed=0))
 
 
 # -- the dataset check ---------------------------------------------------------------------------------------
