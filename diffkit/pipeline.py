@@ -43,9 +43,9 @@ from diffkit.interfaces import (
 )
 from diffkit.plugins import get_registry
 from diffkit.process import Process
-from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time, times_tensor
+from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
 from diffkit.sampling import run as run_loop
-from diffkit.registry import Entry, Registry, loop_sampler_problem, plugin_fault
+from diffkit.registry import Entry, Registry, loop_sampler_problem
 from diffkit.requirements import check_requirements
 from diffkit.spec import (
     SECTIONS,
@@ -239,31 +239,18 @@ class Pipeline:
         if why is not None:
             raise DiffkitError(why)
 
-    def check_denoiser_output(self, net: nn.Module | None = None, device: torch.device | None = None) -> None:
-        """One forward pass of the denoiser on two samples of the data's shape, checked to
-        return x_t's shape (what every objective and sampler assumes); torch's random state,
-        the network's mode and its weights and statistics are left as they were."""
-        net = self.denoiser if net is None else net
-        device = self.device if device is None else device
-        x = torch.zeros((2, *self.context.sample_shape), device=device)
-        t = times_tensor(self.schedule.t_max, 2, device, self.schedule)
-        cond = torch.zeros(2, dtype=torch.long, device=device) if getattr(net, "num_classes", None) else None
-        training = net.training
-        devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                net.eval()
-                out = network_output(net, self.schedule, x, t, cond)
-        except DiffkitError:
-            raise
-        except Exception as exc:
-            entry = self.entry_of(self.denoiser, "denoiser")
-            if entry is None:
-                raise
-            raise plugin_fault(entry, "denoiser", exc) from exc
-        finally:
-            net.train(training)
-        self._check_output(out, x)
+    def _first_output_check(self) -> Callable[..., None]:
+        """A forward hook for the network being trained: the output of its first call (the
+        first training step) must have the input's shape; then it takes itself out."""
+        done = False
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            nonlocal done
+            if not done and args and isinstance(args[0], Tensor):
+                done = True
+                self._check_output(output, args[0])
+
+        return hook
 
     def _check_output(self, out: Any, x_t: Tensor) -> None:
         if isinstance(out, Tensor) and out.shape == x_t.shape:
@@ -481,7 +468,6 @@ class Pipeline:
         online = self._online if self._online is not None else copy.deepcopy(self.denoiser)
         online.to(device)
         self.denoiser.to(device)
-        self.check_denoiser_output(online, device)
         ema = EMA(online, config.ema_decay, target=self.denoiser)
         ema.updates = self.steps_trained
         if dist.is_writer and (dist.distributed or config.grad_accum > 1):
@@ -492,23 +478,27 @@ class Pipeline:
                 f" {config.batch_size * config.grad_accum * dist.world_size}",
                 file=sys.stderr,
             )
-        result = train(
-            online,
-            ema,
-            self.objective,
-            self.schedule,
-            dataset,
-            config,
-            seed=self.seed + self.steps_trained,
-            device=device,
-            transform=self._normalize if self.data_mean is not None else None,
-            conditional=bool(classes),
-            outputs=outputs,
-            resume=found,
-            dist=dist,
-            progress=progress,
-            start_step=self.steps_trained,
-        )
+        first_output = online.register_forward_hook(self._first_output_check())
+        try:
+            result = train(
+                online,
+                ema,
+                self.objective,
+                self.schedule,
+                dataset,
+                config,
+                seed=self.seed + self.steps_trained,
+                device=device,
+                transform=self._normalize if self.data_mean is not None else None,
+                conditional=bool(classes),
+                outputs=outputs,
+                resume=found,
+                dist=dist,
+                progress=progress,
+                start_step=self.steps_trained,
+            )
+        finally:
+            first_output.remove()
         self._online = online
         self.steps_trained += result.steps
         self.denoiser.eval()
