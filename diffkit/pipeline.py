@@ -14,6 +14,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,50 @@ class Pipeline:
         why = None if entry is None else loop_sampler_problem(entry, sampler, self.schedule)
         if why is not None:
             raise DiffkitError(why)
+
+    @contextmanager
+    def plugin_faults(self, stage: str) -> Iterator[None]:
+        """Turn an exception raised inside a third-party plugin's code while the pipeline runs
+        it (``stage``: "training", "sampling") into one error naming the plugin, the component
+        and its section; the exception stays the error's ``__cause__`` (``--debug``)."""
+        try:
+            yield
+        except (DiffkitError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                raise
+            entry = self._faulting_entry(exc)
+            if entry is None:
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            raise PluginError(
+                f"{entry.described} raised {type(exc).__name__} while {stage} (spec section '{entry.kind}'): {text}."
+                " This is a fault in the plugin's code; report it to the plugin's authors (rerun with --debug for the"
+                " traceback)"
+            ) from exc
+
+    def _faulting_entry(self, exc: BaseException) -> Entry | None:
+        """The pipeline's component of a third-party plugin whose module the innermost frame of
+        ``exc``'s traceback that lies in any plugin's module belongs to."""
+        packages: dict[str, Entry] = {}
+        for obj, kind in ((self.schedule, "schedule"), (self.denoiser, "denoiser"), (self.objective, "objective"), (self.sampler, "sampler")):
+            entry = self.entry_of(obj, kind)
+            if entry is not None and entry.distribution != "diffkit":
+                packages.setdefault(str(getattr(entry.component.factory, "__module__", "")).split(".")[0], entry)
+                packages.setdefault(type(obj).__module__.split(".")[0], entry)
+        packages.pop("", None)
+        if not packages:
+            return None
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0])
+            tb = tb.tb_next
+        for package in reversed(frames):
+            if package in packages:
+                return packages[package]
+        return None
 
     def _first_output_check(self) -> Callable[..., None]:
         """A forward hook for the network being trained: the output of its first call (the
@@ -480,23 +525,24 @@ class Pipeline:
             )
         first_output = online.register_forward_hook(self._first_output_check())
         try:
-            result = train(
-                online,
-                ema,
-                self.objective,
-                self.schedule,
-                dataset,
-                config,
-                seed=self.seed + self.steps_trained,
-                device=device,
-                transform=self._normalize if self.data_mean is not None else None,
-                conditional=bool(classes),
-                outputs=outputs,
-                resume=found,
-                dist=dist,
-                progress=progress,
-                start_step=self.steps_trained,
-            )
+            with self.plugin_faults("training"):
+                result = train(
+                    online,
+                    ema,
+                    self.objective,
+                    self.schedule,
+                    dataset,
+                    config,
+                    seed=self.seed + self.steps_trained,
+                    device=device,
+                    transform=self._normalize if self.data_mean is not None else None,
+                    conditional=bool(classes),
+                    outputs=outputs,
+                    resume=found,
+                    dist=dist,
+                    progress=progress,
+                    start_step=self.steps_trained,
+                )
         finally:
             first_output.remove()
         self._online = online
@@ -924,7 +970,7 @@ class Pipeline:
                 elif not stepped:
                     predict = finish(self.predictor())
                 global_state = torch.get_rng_state() if seed is not None else None
-                with torch.inference_mode():
+                with torch.inference_mode(), self.plugin_faults("sampling"):
                     x = self.run_sampler(
                         chosen,
                         (m, *self.context.sample_shape),

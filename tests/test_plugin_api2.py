@@ -417,3 +417,45 @@ def test_a_new_release_that_adds_a_layer_lists_the_tensors_and_names_both_versio
     assert "1 missing: net.4.bias" in text or "2 missing: net.4.bias, net.4.weight" in text
     assert "mis-shaped: freq (saved [2, 16], expected [2, 17]), net.0.weight (saved [8, 33], expected [8, 35]), net.2.bias (saved [2], expected [8]), net.2.weight (saved [2, 8], expected [8, 8])" in text
     assert "denoiser: denoiser 'fourier-mlp' was trained with plugin 'fourier' (acme-fourier 1.0), and acme-fourier 1.1 is installed" in text
+
+
+RAISING_NET = '''
+import torch
+from torch import nn
+from diffkit import Component, Params, hookimpl
+
+DIFFKIT_API_VERSION = 2
+
+
+class Raising(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x, c, cond=None):
+        if not self.training:
+            return {}["eval-mode branch"]  # the planted bug: a KeyError outside training
+        return self.w * x
+
+
+@hookimpl
+def diffkit_denoisers():
+    return [Component("raising", lambda p, ctx: Raising(), Params, "Fails in eval mode.")]
+'''
+
+
+def test_an_exception_in_a_plugins_code_while_sampling_names_the_plugin(make_dist, tmp_path, capsys):
+    make_dist("acme-raising", "0.3", {"raising": ("acme_raising_plugin", RAISING_NET)})
+    registry = diffkit.load_plugins()
+    pipe = Pipeline.from_spec({**POINTS, "denoiser": {"type": "raising"}, "train": TINY_TRAIN}, registry)
+    pipe.fit(progress=False)
+    with pytest.raises(PluginError) as err:
+        pipe.sample(4, seed=0)
+    assert str(err.value).startswith(
+        "denoiser 'raising' of plugin 'raising' (acme-raising 0.3) raised KeyError while sampling (spec section"
+        " 'denoiser'): 'eval-mode branch'. This is a fault in the plugin's code"
+    )
+    assert isinstance(err.value.__cause__, KeyError)
+    run = pipe.save(tmp_path / "run")
+    code, _, text = cli(capsys, "sample", str(run), "--n", "4", "--out", str(tmp_path / "x.npy"), "--no-progress")
+    assert code == 1 and "Traceback" not in text and "denoiser 'raising' of plugin 'raising' (acme-raising 0.3)" in text
