@@ -140,6 +140,8 @@ class Registry:
                 f" (from {self._plugin_info(name).distribution or 'Python'}); plugin names must be unique"
             )
         api = _check_api_version(plugin, name, distribution, version)
+        if builtin and getattr(plugin, hookspecs.API_VERSION_ATTRIBUTE, None) is None:
+            api = hookspecs.API_VERSION  # diffkit's own plugins follow the API of their release
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy validates hook signatures here
@@ -336,6 +338,7 @@ class Registry:
                     "plugin": e.plugin,
                     "distribution": e.distribution,
                     "version": e.version,
+                    "api": e.api,
                     "status": "duplicate" if self.is_duplicate(e) else "ok",
                     "description": e.component.description,
                 }

@@ -100,6 +100,8 @@ def test_a_version_1_schedule_plugin_loads_conforms_trains_and_samples(make_dist
     registry = diffkit.load_plugins()
     entry = registry.get("schedule", "old-cosine")
     assert (entry.api, entry.distribution) == (1, "acme-v1-schedule")
+    rows = {(r["kind"], r["name"]): r for r in registry.rows()}
+    assert rows["schedule", "old-cosine"]["api"] == 1 and rows["schedule", "linear"]["api"] == diffkit.API_VERSION
     diffkit.set_registry(registry)
     check_schedule("old-cosine")
     check_schedule("old-linear", {"timesteps": 50})
