@@ -422,7 +422,9 @@ def resolve_recorded_components(
         info = next((p for p in registry.plugins if p.name == plugin), None)
         if not found and (info is None or info.status != "loaded") and record.get("distribution") != "diffkit":
             if info is None or info.status == "not-loaded":
-                state = "which is not installed" if info is None else "which is installed but not loaded (autoloading is off)"
+                state = "which is not installed"
+                if info is not None:
+                    state = "which is installed but not loaded (autoloading is off)"
             else:
                 state = f"which is installed but {info.status}" + (f": {info.error}" if info.error else "")
             raise DiffkitError(

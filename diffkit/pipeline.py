@@ -266,12 +266,14 @@ class Pipeline:
         """The pipeline's component of a third-party plugin whose module the innermost frame of
         ``exc``'s traceback that lies in any plugin's module belongs to."""
         packages: dict[str, Entry] = {}
-        for obj, kind in ((self.schedule, "schedule"), (self.denoiser, "denoiser"), (self.objective, "objective"), (self.sampler, "sampler")):
+        for kind in ("schedule", "denoiser", "objective", "sampler"):
+            obj = getattr(self, kind)
             entry = self.entry_of(obj, kind)
             if entry is not None and entry.distribution != "diffkit":
                 packages.setdefault(str(getattr(entry.component.factory, "__module__", "")).split(".")[0], entry)
                 packages.setdefault(type(obj).__module__.split(".")[0], entry)
-        packages.pop("", None)
+        for shared in ("", "diffkit", "diffkit_plugins", "torch", "builtins"):  # a plugin's objects may be of these
+            packages.pop(shared, None)
         if not packages:
             return None
         frames = []

@@ -596,7 +596,9 @@ def _plugin_call(entry: Entry, path: str, call: Callable[[], list[tuple[str, str
         return [(path, str(plugin_fault(entry, path, exc)))]
 
 
-def _build_sections(spec: Spec, registry: Registry, process: Any, known: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _build_sections(
+    spec: Spec, registry: Registry, process: Any, known: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """Build every section a spec's data allows without loading it, so that a factory's
     error is a spec error at its path: the denoiser on PyTorch's ``meta`` device (nothing
     allocated, however large), for one sample of the data's shape where the dataset can
