@@ -32,11 +32,18 @@ from diffkit.sampling import Denoised, StepContext, StepSamplerBase
 __version__ = "0.1.0"
 
 
-def build(kind: str, config: "str | dict", **params: object) -> object:
-    """Build one registered component, e.g. ``diffkit.build("schedule", "cosine", timesteps=500)``."""
+def build(kind: str, config: "str | dict", ctx: "BuildContext | None" = None, **params: object) -> object:
+    """Build one registered component, e.g. ``diffkit.build("schedule", "cosine", timesteps=500)``.
+
+    ``ctx`` tells the factory about the rest of the pipeline, as a spec's data would: a
+    denoiser for 28×28 images is ``diffkit.build("denoiser", "unet",
+    BuildContext(sample_shape=(1, 28, 28), data_kind="images"))``. Without it the factory
+    gets ``BuildContext()``, which knows no data (a denoiser then refuses to build)."""
     if isinstance(config, str):
         config = {"type": config}
-    return get_registry().build(kind, {**config, **params})
+    if ctx is not None and not isinstance(ctx, BuildContext):
+        raise TypeError(f"ctx must be a diffkit.BuildContext, got {type(ctx).__name__}")
+    return get_registry().build(kind, {**config, **params}, ctx)
 
 
 def __getattr__(name: str) -> object:

@@ -11,12 +11,13 @@ it, so one cut short by a crash (or damaged later) is recognised and passed over
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +43,8 @@ __all__ = [
     "TrainingCheckpoint",
     "CheckpointDir",
     "CHECKPOINT_FORMAT",
+    "state_dict_mismatch",
+    "resolve_recorded_components",
 ]
 
 CHECKPOINT_FORMAT = "diffkit-train-checkpoint-1"
@@ -347,3 +350,98 @@ class CheckpointDir:
     def remove_leftovers(self) -> None:
         """Delete the temporary files of writes a crash interrupted."""
         remove_stale_tmp(self.directory)
+
+
+# -- what a run was trained with -------------------------------------------------------------
+def state_dict_mismatch(expected: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> str | None:
+    """Why ``saved`` tensors do not load into a module whose ``state_dict()`` is ``expected``,
+    in full: every missing, unexpected and mis-shaped tensor; ``None`` where they fit."""
+    missing = sorted(k for k in expected if k not in saved)
+    unexpected = sorted(k for k in saved if k not in expected)
+    shaped = sorted(
+        f"{k} (saved {list(saved[k].shape)}, expected {list(expected[k].shape)})"
+        for k in expected
+        if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)
+    )
+    parts = [
+        f"{len(names)} {what}: {', '.join(names)}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped))
+        if names
+    ]
+    return "; ".join(parts) or None
+
+
+def _source(record: Mapping[str, Any]) -> str:
+    dist = " ".join(str(v) for v in (record.get("distribution"), record.get("version")) if v)
+    return f"plugin '{record.get('plugin')}'" + (f" ({dist})" if dist else "")
+
+
+def _install_hint(record: Mapping[str, Any]) -> str:
+    dist, version = record.get("distribution"), record.get("version")
+    if not dist:
+        return "register that plugin before loading the run"
+    return f"install it with: pip install '{dist}=={version}'" if version else f"install it with: pip install '{dist}'"
+
+
+def resolve_recorded_components(
+    raw: Any, components: Any, registry: Any, where: str | Path
+) -> tuple[Any, list[str]]:
+    """A run's spec (as parsed from its ``spec.yaml``) with each section bound to the plugin
+    that built it, as ``meta.json``'s ``components`` records: a section whose plain name
+    another plugin has since provided too (or instead) is given the qualified
+    ``PLUGIN:NAME`` of the one it was trained with, so that a plugin installed later changes
+    nothing. A recorded plugin that is no longer installed, or no longer provides the
+    component, is a :class:`DiffkitError` naming it with its version and how to install it.
+
+    Returns the spec and one note per component whose plugin is now installed at another
+    version than the run recorded (for the messages of errors that follow). Runs saved
+    before components were recorded are returned as they are."""
+    from diffkit.spec import SECTIONS, nested_sections
+
+    if not isinstance(raw, Mapping) or not isinstance(components, Mapping):
+        return raw, []
+    raw = copy.deepcopy(raw)
+    changed: list[str] = []
+    kinds: dict[str, str] = dict(SECTIONS)
+    for path in sorted(components, key=lambda p: p.count(".")):
+        record = components[path]
+        kind = kinds.get(path)
+        parent, _, field = path.rpartition(".")
+        node: Any = raw
+        for part in path.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if kind is None or not isinstance(record, Mapping) or not isinstance(node, dict) or not record.get("plugin"):
+            continue
+        section = node.get(field)
+        if isinstance(section, str):
+            section = node[field] = {"type": section}
+        if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+            continue
+        plugin, name = str(record["plugin"]), section["type"].rpartition(":")[2]
+        found = [e for e in registry.all(kind) if e.plugin == plugin and e.name == name]
+        info = next((p for p in registry.plugins if p.name == plugin), None)
+        if not found and (info is None or info.status != "loaded") and record.get("distribution") != "diffkit":
+            if info is None or info.status == "not-loaded":
+                state = "which is not installed"
+                if info is not None:
+                    state = "which is installed but not loaded (autoloading is off)"
+            else:
+                state = f"which is installed but {info.status}" + (f": {info.error}" if info.error else "")
+            raise DiffkitError(
+                f"{where}: the run's {path} is {kind} '{name}' of {_source(record)}, {state}; {_install_hint(record)}"
+            )
+        if not found:  # spec.yaml names another component than the run recorded, or a built-in moved: by name
+            continue
+        entry = found[0]
+        if (entry.distribution, entry.version) != (record.get("distribution"), record.get("version")):
+            now = " ".join(v for v in (entry.distribution, entry.version) if v) or "no distribution"
+            changed.append(f"{path}: {kind} '{name}' was trained with {_source(record)}, and {now} is installed")
+        try:
+            plain = registry.get(kind, name)
+        except DiffkitError:
+            plain = None
+        if plain is not entry:
+            section["type"] = entry.qualified
+        for sub, sub_kind in nested_sections(entry.component.params).items():
+            kinds[f"{path}.{sub}"] = sub_kind
+    return raw, changed

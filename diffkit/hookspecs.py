@@ -9,7 +9,7 @@ exposed through an entry point in the group ``diffkit``::
 
 and declares the version of this API it was written for::
 
-    DIFFKIT_API_VERSION = 1
+    DIFFKIT_API_VERSION = 2
 """
 
 from __future__ import annotations
@@ -17,16 +17,30 @@ from __future__ import annotations
 import pluggy
 
 PROJECT = "diffkit"
-API_VERSION = 1
+API_VERSION = 2
 """Version of this hook API; bumped when a hook's contract changes incompatibly.
 
-A plugin module declares the version it was written for as ``DIFFKIT_API_VERSION = 1``;
+A plugin module declares the version it was written for as ``DIFFKIT_API_VERSION = 2``;
 one declaring a version this diffkit cannot load is refused with a message naming both
-versions, instead of failing somewhere inside its hooks."""
+versions, instead of failing somewhere inside its hooks.
 
-COMPATIBLE_API_VERSIONS: frozenset[int] = frozenset({1})
+Version 2 is the continuous core: a schedule is a :class:`diffkit.Process` (a discrete
+ᾱ table is one kind), a denoiser is given the process's conditioning value, and a
+sampler is a step of the core's loop (:class:`diffkit.StepSamplerBase`). Version-1
+plugins keep loading: their schedules (ᾱ or β tables), denoisers, objectives, datasets
+and guidance work unchanged, and their samplers (whole loops over a table's integer
+timesteps) run unchanged on discrete tables and are refused, naming the plugin, on a
+continuous process."""
+
+COMPATIBLE_API_VERSIONS: frozenset[int] = frozenset({1, 2})
 """The versions whose plugins this diffkit loads (the current one, and older ones that
 still work unchanged)."""
+
+UNDECLARED_API_VERSION = 1
+"""The version of a plugin that declares none: declaring it came with version 1."""
+
+MIGRATION_PAGE = "docs/plugins.md, section 'Migrating a plugin from API version 1'"
+"""Where a plugin author reads how to rewrite a version-1 sampler as a step."""
 
 API_VERSION_ATTRIBUTE = "DIFFKIT_API_VERSION"
 

@@ -166,9 +166,17 @@ class Schedule(Process):
         return 1.0 - self.alphas
 
     @property
-    def sigmas(self) -> Tensor:
-        """σ_t = √(1 − ᾱ_t), the standard deviation of the noise in x_t."""
+    def noise_std(self) -> Tensor:
+        """√(1 − ᾱ_t), the standard deviation of the noise in x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε: the
+        process's σ(t) at integer t. Not EDM's σ (Karras et al. 2022), which is the noise level of
+        x_t/α, σ̃_t = √((1 − ᾱ_t)/ᾱ_t): that is :meth:`sigma_tilde`."""
         return (1.0 - self.alphas_cumprod).sqrt()
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The old name of :attr:`noise_std` (√(1 − ᾱ_t)), kept as an alias so that code written
+        for 0.1 keeps working; it is not EDM's σ (:meth:`sigma_tilde`)."""
+        return self.noise_std
 
     @property
     def snr(self) -> Tensor:

@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from diffkit import checkpoint, distributed, memory, rundir
 from diffkit import diffusion as D
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, PluginError, SpecError
 from diffkit.interfaces import (
     BuildContext,
     CondPredict,
@@ -47,7 +48,7 @@ from diffkit.noise import NoiseMode, SampleNoise, fresh_seed
 from diffkit.process import Process
 from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
 from diffkit.sampling import run as run_loop
-from diffkit.registry import Registry
+from diffkit.registry import Entry, Registry, loop_sampler_problem
 from diffkit.requirements import check_requirements
 from diffkit.spec import (
     SECTIONS,
@@ -57,6 +58,7 @@ from diffkit.spec import (
     dump_spec,
     iter_sections,
     load_spec,
+    parse_spec_file,
     to_dict,
     using_registry,
     validate_spec,
@@ -171,6 +173,7 @@ class Pipeline:
             self.denoiser: nn.Module = self._build("denoiser", denoiser)
             self.objective: Objective = self._build("objective", objective)
             self.sampler: Sampler = self._build("sampler", sampler)
+        self._check_loop_sampler(self.sampler)
         # Standardisation of point data, fitted on the training set (None for images).
         self.data_mean: Tensor | None = None
         self.data_std: Tensor | None = None
@@ -224,12 +227,100 @@ class Pipeline:
                 return self.registry.build(kind, value, self.context)
         return value
 
+    def entry_of(self, obj: Any, kind: str) -> Entry | None:
+        """The registry entry a component was built from (``None`` for one built by hand)."""
+        tag = (getattr(obj, "__diffkit_spec__", None) or {}).get("type")
+        try:
+            return None if tag is None else self.registry.get(kind, str(tag))
+        except DiffkitError:
+            return None
+
+    def _check_loop_sampler(self, sampler: Any) -> None:
+        """Refuse a plugin API version 1 sampler (a whole loop over a table) on a continuous process."""
+        entry = self.entry_of(sampler, "sampler")
+        why = None if entry is None else loop_sampler_problem(entry, sampler, self.schedule)
+        if why is not None:
+            raise DiffkitError(why)
+
+    @contextmanager
+    def plugin_faults(self, stage: str) -> Iterator[None]:
+        """Turn an exception raised inside a third-party plugin's code while the pipeline runs
+        it (``stage``: "training", "sampling") into one error naming the plugin, the component
+        and its section; the exception stays the error's ``__cause__`` (``--debug``)."""
+        try:
+            yield
+        except (DiffkitError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                raise
+            entry = self._faulting_entry(exc)
+            if entry is None:
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            raise PluginError(
+                f"{entry.described} raised {type(exc).__name__} while {stage} (spec section '{entry.kind}'): {text}."
+                " This is a fault in the plugin's code; report it to the plugin's authors (rerun with --debug for the"
+                " traceback)"
+            ) from exc
+
+    def _faulting_entry(self, exc: BaseException) -> Entry | None:
+        """The pipeline's component of a third-party plugin whose module the innermost frame of
+        ``exc``'s traceback that lies in any plugin's module belongs to."""
+        packages: dict[str, Entry] = {}
+        for kind in ("schedule", "denoiser", "objective", "sampler"):
+            obj = getattr(self, kind)
+            entry = self.entry_of(obj, kind)
+            if entry is not None and entry.distribution != "diffkit":
+                packages.setdefault(str(getattr(entry.component.factory, "__module__", "")).split(".")[0], entry)
+                packages.setdefault(type(obj).__module__.split(".")[0], entry)
+        for shared in ("", "diffkit", "diffkit_plugins", "torch", "builtins"):  # a plugin's objects may be of these
+            packages.pop(shared, None)
+        if not packages:
+            return None
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0])
+            tb = tb.tb_next
+        for package in reversed(frames):
+            if package in packages:
+                return packages[package]
+        return None
+
+    def _first_output_check(self) -> Callable[..., None]:
+        """A forward hook for the network being trained: the output of its first call (the
+        first training step) must have the input's shape; then it takes itself out."""
+        done = False
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            nonlocal done
+            if not done and args and isinstance(args[0], Tensor):
+                done = True
+                self._check_output(output, args[0])
+
+        return hook
+
+    def _check_output(self, out: Any, x_t: Tensor) -> None:
+        if isinstance(out, Tensor) and out.shape == x_t.shape:
+            return
+        entry = self.entry_of(self.denoiser, "denoiser")
+        what = entry.described if entry is not None else f"the denoiser {type(self.denoiser).__name__}"
+        got = f"a tensor of shape {list(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        raise DiffkitError(
+            f"{what} returned {got} for x_t of shape {list(x_t.shape)}; a denoiser must return a tensor of x_t's shape"
+            " (docs/plugins.md, diffkit_denoisers)"
+        )
+
     def _check_size(self, kind: str, value: Config, nbytes: int | None = None, **training: Any) -> None:
         """Refuse a network too large for the memory before allocating it (``nbytes``
         counted on the meta device unless given), naming the spec fields (those changed
         from their defaults) that set its size."""
         if nbytes is None:
-            nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+            try:
+                nbytes = memory.network_bytes(lambda: self.registry.build(kind, value, self.context))
+            except PluginError:  # it cannot build on the meta device; building it for real reports its fault
+                nbytes = None
         if nbytes is None:
             return
         config = _as_config(value)
@@ -436,23 +527,28 @@ class Pipeline:
                 f" {config.batch_size * config.grad_accum * dist.world_size}",
                 file=sys.stderr,
             )
-        result = train(
-            online,
-            ema,
-            self.objective,
-            self.schedule,
-            dataset,
-            config,
-            seed=self.seed + self.steps_trained,
-            device=device,
-            transform=self._normalize if self.data_mean is not None else None,
-            conditional=bool(classes),
-            outputs=outputs,
-            resume=found,
-            dist=dist,
-            progress=progress,
-            start_step=self.steps_trained,
-        )
+        first_output = online.register_forward_hook(self._first_output_check())
+        try:
+            with self.plugin_faults("training"):
+                result = train(
+                    online,
+                    ema,
+                    self.objective,
+                    self.schedule,
+                    dataset,
+                    config,
+                    seed=self.seed + self.steps_trained,
+                    device=device,
+                    transform=self._normalize if self.data_mean is not None else None,
+                    conditional=bool(classes),
+                    outputs=outputs,
+                    resume=found,
+                    dist=dist,
+                    progress=progress,
+                    start_step=self.steps_trained,
+                )
+        finally:
+            first_output.remove()
         self._online = online
         self.steps_trained += result.steps
         self.denoiser.eval()
@@ -608,7 +704,9 @@ class Pipeline:
         net, objective, process = self.denoiser, self.objective, self.schedule
 
         def predict(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-            return objective.to_eps(network_output(net, process, x_t, t, cond), x_t, t, process)
+            out = network_output(net, process, x_t, t, cond)
+            self._check_output(out, x_t)
+            return objective.to_eps(out, x_t, t, process)
 
         return predict
 
@@ -623,7 +721,9 @@ class Pipeline:
 
         def denoise(x_t: Tensor, t: Tensor) -> Denoised:
             tt = table_time(process, t)
-            x0, eps = objective.denoised(network_output(net, process, x_t, tt, cond), x_t, tt, process)
+            out = network_output(net, process, x_t, tt, cond)
+            self._check_output(out, x_t)
+            x0, eps = objective.denoised(out, x_t, tt, process)
             return Denoised(x0, eps)
 
         return denoise
@@ -673,6 +773,10 @@ class Pipeline:
                 )
             except ValueError as e:
                 raise DiffkitError(str(e)) from None
+        entry = self.entry_of(chosen, "sampler")
+        why = None if entry is None else loop_sampler_problem(entry, chosen, self.schedule)
+        if why is not None:
+            raise DiffkitError(why)
         if not isinstance(self.schedule, Schedule):
             raise DiffkitError(
                 f"the sampler {type(chosen).__name__} is written for 0.1's discrete tables (a whole loop over"
@@ -892,7 +996,8 @@ class Pipeline:
                         predict = LabelledPredict(given, y_chunk, guidance_scale, finish)
                 elif not stepped:
                     predict = finish(self.predictor())
-                with torch.inference_mode():
+                global_state = torch.get_rng_state() if seed is not None else None
+                with torch.inference_mode(), self.plugin_faults("sampling"):
                     x = self.run_sampler(
                         chosen,
                         (m, *self.context.sample_shape),
@@ -905,12 +1010,26 @@ class Pipeline:
                         callback=callback,
                         noise=SampleNoise(seed, start, m) if noise == "per-sample" else None,
                     )
+                    if global_state is not None and not torch.equal(global_state, torch.get_rng_state()):
+                        raise DiffkitError(self._global_rng_message(chosen, seed))
                     x = self.denormalize(x)
                     self._check_finite(x, guidance_scale, labelled=y is not None)
                     x = x.cpu()
                 yield x
 
         return draw()
+
+    def _global_rng_message(self, chosen: Any, seed: int | None) -> str:
+        """Sampling drew from torch's global generator: name the components that may have."""
+        parts = [(chosen, "sampler"), (self.denoiser, "denoiser")]
+        entries = [e for obj, kind in parts if (e := self.entry_of(obj, kind)) is not None]
+        suspects = [e.described for e in entries if e.distribution != "diffkit"] or [e.described for e in entries]
+        return (
+            f"sampling drew random numbers from torch's global generator, so seed={seed} does not reproduce these"
+            f" samples; {' or '.join(suspects) or 'a component built by hand'} must draw its noise from the sampling"
+            " loop (ctx.noise(x) in a step; the generator argument in a 0.1 sampler). diffkit.testing.check_sampler"
+            " finds which"
+        )
 
     def _labels(self, labels: Labels, n: int) -> Tensor:
         """``labels`` as ``[n]`` long, checked against the data's classes."""
@@ -1082,18 +1201,32 @@ class Pipeline:
             raise DiffkitError(f"{directory} has no {SPEC_FILE}; it is not a finished diffkit run")
         registry = registry or get_registry()
         meta = _read_meta(directory / META_FILE)
-        spec = load_spec(directory / SPEC_FILE, registry)
-        context = BuildContext(
-            sample_shape=tuple(meta["sample_shape"]),
-            num_classes=meta.get("num_classes"),
-            seed=spec.seed,
-            data_kind=meta.get("data_kind", "points"),
-            data_diameter=meta.get("data_diameter"),
+        # each component from the plugin that built it, whatever has been installed since
+        raw, changed = checkpoint.resolve_recorded_components(
+            parse_spec_file(directory / SPEC_FILE), meta.get("components"), registry, directory
         )
-        pipe = cls._from_validated(spec, registry, context)
-        pipe._run_dir = directory
-        tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
-        pipe._load_state(tensors, directory)
+        try:
+            spec = validate_spec(raw, registry, source=str(directory / SPEC_FILE))
+            context = BuildContext(
+                sample_shape=tuple(meta["sample_shape"]),
+                num_classes=meta.get("num_classes"),
+                seed=spec.seed,
+                data_kind=meta.get("data_kind", "points"),
+                data_diameter=meta.get("data_diameter"),
+            )
+            pipe = cls._from_validated(spec, registry, context)
+            pipe._run_dir = directory
+            tensors = checkpoint.load_tensors(directory / WEIGHTS_FILE, meta["sha256"].get(WEIGHTS_FILE))
+            pipe._load_state(tensors, directory)
+        except SpecError as exc:
+            if not changed:
+                raise
+            note = f"(other plugin versions than the run's: {'; '.join(changed)})"
+            raise SpecError([*exc.problems, ("", note)], exc.source) from None
+        except DiffkitError as exc:
+            if not changed:
+                raise
+            raise DiffkitError(f"{exc} (other plugin versions than the run's: {'; '.join(changed)})") from None
         pipe.steps_trained = int(meta.get("steps_trained", 0))
         pipe._load_classifier(directory, meta)
         if device is not None:
@@ -1107,6 +1240,16 @@ class Pipeline:
         path = directory / WEIGHTS_FILE
         own = self.denoiser.state_dict()
         _check_tensors(path, tensors, {**{f"denoiser.{k}": v for k, v in own.items()}, **{f"online.{k}": v for k, v in own.items()}})
+        expected = self.denoiser.state_dict()
+        for prefix in ("denoiser.", "online."):
+            saved = part(prefix)
+            mismatch = checkpoint.state_dict_mismatch(expected, saved) if saved or prefix == "denoiser." else None
+            if mismatch is not None:
+                entry = self.entry_of(self.denoiser, "denoiser")
+                what = f" ({entry.described})" if entry is not None else ""
+                raise DiffkitError(
+                    f"the weights in {path} ('{prefix}*') do not fit the denoiser its spec describes{what}: {mismatch}"
+                )
         try:
             self.denoiser.load_state_dict(part("denoiser."))
             online = part("online.")
@@ -1140,6 +1283,9 @@ class Pipeline:
             return
         tensors = checkpoint.load_tensors(path, meta["sha256"].get(CLASSIFIER_FILE))
         _check_tensors(path, tensors, classifier.state_dict())
+        mismatch = checkpoint.state_dict_mismatch(classifier.state_dict(), tensors)
+        if mismatch is not None:
+            raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes: {mismatch}")
         try:
             classifier.load_state_dict(tensors)
         except RuntimeError as exc:

@@ -38,7 +38,10 @@ from importlib.metadata import EntryPoint, entry_points
 from types import FrameType
 from typing import Any
 
+import torch
+
 from diffkit.errors import PluginError
+from diffkit.hookspecs import MIGRATION_PAGE
 from diffkit.registry import KINDS, Entry, PluginInfo, Registry, describe_base_exception
 
 __all__ = ["ENTRY_POINT_GROUP", "load_plugins", "check_plugins", "get_registry", "set_registry"]
@@ -90,16 +93,21 @@ def load_plugins(
     block: Iterable[str] | None = None,
     block_builtins: Iterable[str] | None = None,
     strict: bool | None = None,
+    distributions: Iterable[str] | None = None,
 ) -> Registry:
     """Build a fresh registry from the installed entry points.
 
     Arguments left as ``None`` are read from the environment (see the module doc).
+    ``distributions`` loads the built-ins and the entry points of these distributions
+    only (names compared as pip compares them), whatever else is installed: a plugin's
+    own test of its entry points then passes or fails on that plugin alone.
     """
     autoload = not _env_flag("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD") if autoload is None else autoload
     include = set(_env_list("DIFFKIT_PLUGINS") if include is None else include)
     block = set(_env_list("DIFFKIT_BLOCK_PLUGINS") if block is None else block)
     block_builtins = set(_env_list("DIFFKIT_BLOCK_BUILTIN_PLUGINS") if block_builtins is None else block_builtins)
     strict = _env_flag("DIFFKIT_STRICT_PLUGINS") if strict is None else strict
+    only = None if distributions is None else {_normalize(d) for d in distributions}
 
     eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not _is_builtin(_dist_of(e)[0]), e.name))
     builtin_names = {ep.name for ep in eps if _is_builtin(_dist_of(ep)[0])}
@@ -129,7 +137,11 @@ def load_plugins(
         if _blocks(ep, dist, block):
             registry.plugins.append(PluginInfo(ep.name, dist, version, "blocked", builtin=builtin))
             continue
-        if not (builtin or autoload or ep.name in include):
+        if only is not None and not builtin:
+            if dist is None or _normalize(dist) not in only:
+                registry.plugins.append(PluginInfo(ep.name, dist, version, "not-loaded", builtin=builtin))
+                continue
+        elif not (builtin or autoload or ep.name in include):
             registry.plugins.append(PluginInfo(ep.name, dist, version, "not-loaded", builtin=builtin))
             continue
         try:
@@ -244,6 +256,7 @@ def check_plugins(registry: Registry) -> list[str]:
                     f"{kind} '{entry.name}' of {entry.source}: the JSON Schema of its Params model cannot be built:"
                     f" {type(exc).__name__}: {exc}"
                 )
+    problems += _loop_samplers(registry)
     from diffkit.spec import json_schema
 
     try:
@@ -251,6 +264,29 @@ def check_plugins(registry: Registry) -> list[str]:
     except Exception as exc:  # whatever stops the spec model from being built
         problems.append(f"the spec schema of the installed components cannot be built: {type(exc).__name__}: {exc}")
     return problems
+
+
+def _loop_samplers(registry: Registry) -> list[str]:
+    """The samplers written as whole loops (plugin API version 1), found by building each
+    with its default parameters: they run only on discrete tables. One whose defaults do
+    not build alone is passed over here (building it in a spec reports it)."""
+    from diffkit.interfaces import BuildContext
+    from diffkit.sampling import is_step_sampler
+
+    out = []
+    for entry in registry.all("sampler"):
+        try:
+            with torch.random.fork_rng(devices=[]):
+                sampler = registry.build("sampler", {"type": entry.qualified}, BuildContext(sample_shape=(2,)))
+        except Exception:  # noqa: BLE001 - needs parameters or data to build; not this check's business
+            continue
+        if callable(sampler) and not is_step_sampler(sampler):
+            out.append(
+                f"{entry.described} is a plugin API version {entry.api} sampler ({type(sampler).__name__}, a whole loop"
+                " over a discrete table's integer timesteps): it runs unchanged on discrete tables and is refused on"
+                f" continuous processes; rewrite it as a step of the core's loop ({MIGRATION_PAGE})"
+            )
+    return out
 
 
 def get_registry() -> Registry:

@@ -17,7 +17,7 @@ import pluggy
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from diffkit import hookspecs
-from diffkit.errors import ComponentLookupError, PluginError, SpecError
+from diffkit.errors import ComponentLookupError, DiffkitError, PluginError, SpecError
 from diffkit.interfaces import BuildContext
 
 __all__ = ["Params", "Seed", "SEED_RANGE", "Component", "Entry", "PluginInfo", "Registry", "KINDS"]
@@ -76,6 +76,8 @@ class Entry:
     plugin: str
     distribution: str | None
     version: str | None
+    api: int = hookspecs.API_VERSION
+    """The plugin API version its plugin declares (``DIFFKIT_API_VERSION``; 1 where undeclared)."""
 
     @property
     def name(self) -> str:
@@ -89,6 +91,12 @@ class Entry:
     def source(self) -> str:
         dist = f" from {self.distribution} {self.version}" if self.distribution else ""
         return f"plugin '{self.plugin}'{dist}"
+
+    @property
+    def described(self) -> str:
+        """``sampler 'heun' of plugin 'acme' (acme-edm 1.0)``: the component and where it came from."""
+        dist = " ".join(v for v in (self.distribution, self.version) if v)
+        return f"{self.kind} '{self.name}' of plugin '{self.plugin}'" + (f" ({dist})" if dist else "")
 
 
 @dataclass
@@ -131,7 +139,9 @@ class Registry:
                 f"a plugin named '{name}' is already registered"
                 f" (from {self._plugin_info(name).distribution or 'Python'}); plugin names must be unique"
             )
-        _check_api_version(plugin, name, distribution, version)
+        api = _check_api_version(plugin, name, distribution, version)
+        if builtin and getattr(plugin, hookspecs.API_VERSION_ATTRIBUTE, None) is None:
+            api = hookspecs.API_VERSION  # diffkit's own plugins follow the API of their release
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy validates hook signatures here
@@ -159,7 +169,7 @@ class Registry:
                     records = impl.function()
                     hook_called = None
                     for rec in records or []:
-                        entry = self._entry(kind, rec, name, distribution, version)
+                        entry = self._entry(kind, rec, name, distribution, version, api)
                         if any(e.kind == kind and e.name == entry.name for e in new):
                             raise PluginError(f"plugin '{name}' gives more than one {kind} named '{entry.name}'")
                         new.append(entry)
@@ -186,7 +196,7 @@ class Registry:
         self.plugins = [p for p in self.plugins if p.name != name]
         self.generation += 1
 
-    def _entry(self, kind: str, rec: object, plugin: str, dist: str | None, version: str | None) -> Entry:
+    def _entry(self, kind: str, rec: object, plugin: str, dist: str | None, version: str | None, api: int) -> Entry:
         if not isinstance(rec, Component):
             raise PluginError(
                 f"plugin '{plugin}' returned {type(rec).__name__} from {hookspecs.HOOKS[kind]};"
@@ -203,7 +213,7 @@ class Registry:
             raise PluginError(f"plugin '{plugin}' gave a {kind} an invalid name {rec.name!r} (no ':' or spaces)")
         if "type" in rec.params.model_fields:
             raise PluginError(f"{kind} '{rec.name}' of plugin '{plugin}': 'type' is reserved and cannot be a parameter")
-        return Entry(kind, rec, plugin, dist, version)
+        return Entry(kind, rec, plugin, dist, version, api)
 
     def _plugin_info(self, name: str) -> PluginInfo:
         for p in self.plugins:
@@ -256,10 +266,24 @@ class Registry:
         avail = ", ".join(available) if available else "none (is a plugin missing?)"
         return f"unknown {kind} '{name}'.{hint} Available: {avail}."
 
-    def build(self, kind: str, config: BaseModel | dict[str, Any] | str, ctx: BuildContext | None = None) -> Any:
+    def build(
+        self,
+        kind: str,
+        config: BaseModel | dict[str, Any] | str,
+        ctx: BuildContext | None = None,
+        *,
+        path: str | None = None,
+    ) -> Any:
         """Build a component from a spec section (a validated model, a dict with ``type``,
-        or a bare name) and tag the result with that section so it can be written back."""
+        or a bare name) and tag the result with that section so it can be written back.
+
+        ``path`` is where the section sits in a spec (default: the kind). Invalid
+        parameters, and a ``ValueError`` from the factory, are a :class:`SpecError` at that
+        path; anything else the plugin's code raises, or an object that is not of the
+        kind, is a :class:`PluginError` naming the plugin, the component and the section
+        (the plugin's exception is its ``__cause__``, for a traceback)."""
         ctx = ctx or BuildContext()
+        path = path or kind
         if isinstance(config, str):
             config = {"type": config}
         if isinstance(config, BaseModel):
@@ -272,12 +296,19 @@ class Registry:
         try:
             params = entry.component.params.model_validate(config)
         except ValidationError as err:
-            problems = [(".".join(str(p) for p in (kind, *e["loc"])), e["msg"]) for e in err.errors()]
+            problems = [(".".join(str(p) for p in (path, *e["loc"])), e["msg"]) for e in err.errors()]
             raise SpecError(problems) from None
         try:
             obj = entry.component.factory(params, ctx)
         except ValueError as exc:  # factories raise ValueError for parameters that cannot work
-            raise SpecError([(kind, str(exc))]) from None
+            raise SpecError([(path, str(exc))]) from None
+        except (DiffkitError, MemoryError, KeyboardInterrupt):  # a nested section's own error; out of memory
+            raise
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                raise
+            raise plugin_fault(entry, path, exc) from exc
+        check_built(entry, obj, path)
         # A qualified name stays qualified, so that a spec written back out still picks
         # this component once another plugin provides one of the same name.
         qualified = ":" in tag or self.is_duplicate(entry)
@@ -307,6 +338,7 @@ class Registry:
                     "plugin": e.plugin,
                     "distribution": e.distribution,
                     "version": e.version,
+                    "api": e.api,
                     "status": "duplicate" if self.is_duplicate(e) else "ok",
                     "description": e.component.description,
                 }
@@ -324,6 +356,48 @@ class Registry:
                 }
 
 
+def plugin_fault(entry: Entry, path: str, exc: BaseException) -> PluginError:
+    """One clean error for an exception raised by a plugin's own code while it builds the
+    spec section at ``path``: the plugin, the component and the section; the traceback is
+    the error's ``__cause__`` (``--debug`` prints it)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+    return PluginError(
+        f"{entry.described} raised {type(exc).__name__} in the spec section '{path}': {text}. This is a fault in the"
+        " plugin's code (a spec error would be a ValueError naming the parameter); report it to the plugin's authors"
+        " (rerun with --debug for the traceback)"
+    )
+
+
+def check_built(entry: Entry, obj: object, path: str) -> None:
+    """Refuse a sampler that breaks the API version its plugin declares: under version 2 a
+    sampler is a step of the core's loop, not a whole loop."""
+    from diffkit.sampling import is_step_sampler
+
+    if entry.kind == "sampler" and entry.api >= 2 and callable(obj) and not is_step_sampler(obj):
+        raise PluginError(
+            f"{entry.described} declares plugin API version {entry.api}, but its sampler {type(obj).__name__} (spec"
+            f" section '{path}') is a whole sampling loop, as version 1 wrote them; under version 2 a sampler is a step"
+            f" of the core's loop: subclass diffkit.StepSamplerBase (see {hookspecs.MIGRATION_PAGE}), or declare"
+            " DIFFKIT_API_VERSION = 1"
+        )
+
+
+def loop_sampler_problem(entry: Entry, sampler: object, process: object) -> str | None:
+    """Why a version-1 sampler (a whole loop over a discrete table's integer timesteps)
+    cannot run on ``process``, or ``None`` where it can: on a discrete table it runs
+    unchanged, which is exact; a continuous process has no table to hand it."""
+    from diffkit.sampling import is_step_sampler
+
+    if is_step_sampler(sampler) or getattr(process, "discrete", False):
+        return None
+    return (
+        f"{entry.described} is a plugin API version 1 sampler (a whole loop over a discrete ᾱ table's integer"
+        f" timesteps), and the schedule is the continuous process {type(process).__name__}; a version-1 sampler runs"
+        " only on a discrete table (linear, cosine, ...). Choose such a schedule or a sampler of the core's loop"
+        f" (ddim, euler, heun, ...); its authors can rewrite it as a step: {hookspecs.MIGRATION_PAGE}"
+    )
+
+
 def describe_base_exception(exc: BaseException) -> str:
     """What a plugin did, for an exception that is not an ``Exception`` (it would end the
     process): ``called sys.exit(0)``, ``raised GeneratorExit: why``."""
@@ -333,13 +407,14 @@ def describe_base_exception(exc: BaseException) -> str:
     return f"raised {type(exc).__name__}{': ' + text if text else ''}"
 
 
-def _check_api_version(plugin: object, name: str, distribution: str | None, version: str | None) -> None:
-    """Refuse a plugin that declares a plugin API version this diffkit cannot load."""
+def _check_api_version(plugin: object, name: str, distribution: str | None, version: str | None) -> int:
+    """The plugin API version a plugin declares (:data:`~diffkit.hookspecs.UNDECLARED_API_VERSION`
+    where it declares none); refuse one this diffkit cannot load."""
     declared = getattr(plugin, hookspecs.API_VERSION_ATTRIBUTE, None)
-    if declared is None or (
-        isinstance(declared, int) and not isinstance(declared, bool) and declared in hookspecs.COMPATIBLE_API_VERSIONS
-    ):
-        return
+    if declared is None:
+        return hookspecs.UNDECLARED_API_VERSION
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared in hookspecs.COMPATIBLE_API_VERSIONS:
+        return declared
     source = f" ({' '.join(v for v in (distribution, version) if v)})" if distribution else ""
     if not isinstance(declared, int) or isinstance(declared, bool):
         raise PluginError(

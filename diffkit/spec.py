@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -54,10 +54,10 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
-from diffkit.errors import ComponentLookupError, SpecError
+from diffkit.errors import ComponentLookupError, DiffkitError, PluginError, SpecError
 from diffkit.interfaces import BuildContext
 from diffkit.plugins import get_registry
-from diffkit.registry import KINDS, SEED_RANGE, Registry, Seed
+from diffkit.registry import KINDS, SEED_RANGE, Entry, Registry, Seed, loop_sampler_problem, plugin_fault
 from diffkit.requirements import requirement_problem
 
 try:  # Python 3.11+
@@ -77,6 +77,7 @@ __all__ = [
     "spec_model",
     "validate_spec",
     "load_spec",
+    "parse_spec_file",
     "dump_spec",
     "json_schema",
     "data_shape",
@@ -313,16 +314,7 @@ def build_section(kind: str, section: Any, ctx: BuildContext, path: str) -> Any:
         raise SpecError([(path, str(exc))]) from None
     if nested_sections(entry.component.params):
         raise SpecError([(path, _nesting_message(kind, str(tag)))])
-    try:
-        return registry.build(kind, section, ctx)
-    except SpecError as exc:
-        raise SpecError([(_repath(p, kind, path), m) for p, m in exc.problems]) from None
-
-
-def _repath(p: str, kind: str, path: str) -> str:
-    if p == kind:
-        return path
-    return path + p[len(kind) :] if p.startswith(kind + ".") else f"{path}.{p}"
+    return registry.build(kind, section, ctx, path=path)
 
 
 def _nesting_message(kind: str, tag: str) -> str:
@@ -553,12 +545,15 @@ def validate_spec(
     try:
         sections = list(iter_sections(spec))
         for path, kind, section_model in sections:
-            check = registry.get(kind, section_model.type).component.check
+            entry = registry.get(kind, section_model.type)
+            check = entry.component.check
             if check is not None:
-                problems += [(path, msg) for msg in check(section_model, spec)]
-            check_in = registry.get(kind, section_model.type).component.check_inputs if check_inputs else None
+                problems += _plugin_call(entry, path, lambda: [(path, msg) for msg in check(section_model, spec)])
+            check_in = entry.component.check_inputs if check_inputs else None
             if check_in is not None:
-                problems += [(f"{path}.{field}", msg) for field, msg in check_in(section_model)]
+                problems += _plugin_call(
+                    entry, path, lambda: [(f"{path}.{field}", msg) for field, msg in check_in(section_model)]
+                )
         # The schedule is cheap to build; building it catches parameters that validate one
         # by one but give no valid ᾱ (e.g. ᾱ underflowing to 0).
         # The data is not loaded while validating: a stand-in for its diameter lets a process
@@ -568,7 +563,10 @@ def validate_spec(
             T: int | None = process.T if getattr(process, "discrete", False) else None
         except SpecError as exc:
             problems.append(("schedule", f"these parameters give no valid schedule: {exc.problems[0][1]}"))
-            T = None
+            process, T = None, None
+        except PluginError as exc:
+            problems.append(("schedule", str(exc)))
+            process, T = None, None
         # By convention a sampler's `steps` parameter counts reverse steps, at most T;
         # that holds for samplers nested in another (a guided sampler's base) too.
         for path, kind, section_model in sections:
@@ -577,6 +575,7 @@ def validate_spec(
                 problems.append(
                     (f"{path}.steps", f"{steps} exceeds the schedule's T = {T}; lower it, or leave it null to take all T")
                 )
+        problems += _build_sections(spec, registry, process, problems)
     finally:
         _validating.reset(token)
     if problems:
@@ -585,6 +584,81 @@ def validate_spec(
 
 
 VALIDATION_DIAMETER = 10.0
+
+
+def _plugin_call(entry: Entry, path: str, call: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """The problems a component's own check returns; one that raises is a fault of its plugin, at ``path``."""
+    try:
+        return call()
+    except (DiffkitError, MemoryError):
+        raise
+    except Exception as exc:
+        return [(path, str(plugin_fault(entry, path, exc)))]
+
+
+def _build_sections(
+    spec: Spec, registry: Registry, process: Any, known: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Build every section a spec's data allows without loading it, so that a factory's
+    error is a spec error at its path: the denoiser on PyTorch's ``meta`` device (nothing
+    allocated, however large), for one sample of the data's shape where the dataset can
+    tell it without loading; the objective; and the sampler, which is then checked against
+    the process (a plugin API version 1 sampler runs on discrete tables only). Sections
+    that already have a problem, and samplers with sections of their own (their guidance
+    needs the data's labels), are left to their checks."""
+    problems: list[tuple[str, str]] = []
+    seen = {path.split(".")[0] for path, _ in known}
+    data_entry = registry.get("data", spec.data.type)
+    shape = None
+    if "data" not in seen and data_entry.component.data_shape is not None:
+        found: list[tuple[int, ...] | None] = []
+
+        def read_shape() -> list[tuple[str, str]]:
+            found.append(data_shape(spec.data, registry))
+            return []
+
+        problems += _plugin_call(data_entry, "data", read_shape)
+        shape = found[0] if found else None
+    ctx = BuildContext(
+        sample_shape=tuple(shape or ()),
+        seed=spec.seed,
+        data_kind="images" if shape is not None and len(shape) == 3 else "points",
+        data_diameter=VALIDATION_DIAMETER,
+    )
+    for section in ("denoiser", "objective", "sampler"):
+        kind, model = SECTIONS[section], getattr(spec, section)
+        if section in seen or (section == "denoiser" and shape is None):
+            continue
+        if section == "sampler" and nested_sections(registry.get(kind, model.type).component.params):
+            continue
+        try:
+            built = _build_cheaply(registry, kind, model, ctx, section)
+        except SpecError as exc:
+            problems += exc.problems
+            continue
+        except PluginError as exc:
+            problems.append((section, str(exc)))
+            continue
+        if section == "sampler" and process is not None:
+            why = loop_sampler_problem(registry.get(kind, model.type), built, process)
+            if why is not None:
+                problems.append((section, why))
+    return problems
+
+
+def _build_cheaply(registry: Registry, kind: str, section: BaseModel, ctx: BuildContext, path: str) -> Any:
+    """Build a section for validation, leaving torch's random state as it was; a denoiser
+    on the ``meta`` device, or on the CPU where its factory needs real tensors."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        if kind != "denoiser":
+            return registry.build(kind, section, ctx, path=path)
+        try:
+            with torch.device("meta"):
+                return registry.build(kind, section, ctx, path=path)
+        except PluginError:  # a factory computing with real tensors: what it raises on the CPU is its fault
+            return registry.build(kind, section, ctx, path=path)
 
 # The registry a spec is being validated against (or a pipeline built against), so that
 # component checks calling data_shape() and factories building nested sections look
@@ -718,6 +792,11 @@ def _parse(path: Path) -> Any:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError([("", f"not valid TOML: {exc}")], str(path)) from None
     raise SpecError([("", f"unknown spec format '{suffix}'; use .yaml, .yml, .json or .toml")], str(path))
+
+
+def parse_spec_file(path: str | Path) -> Any:
+    """The data of a spec file (YAML, JSON or TOML), parsed but not validated."""
+    return _parse(Path(path))
 
 
 def load_spec(

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint, atomic_write, read_text
+from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint, atomic_write, read_text, state_dict_mismatch
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError
 from diffkit.interfaces import Dataset, Objective, Schedule
@@ -426,6 +426,14 @@ def _restore(
 ) -> None:
     """Load the weights, EMA, optimiser and gradient scaler of ``resume``."""
     saved = resume.state["train"]
+    for prefix, module in (("online.", online), ("ema.", ema.model)):
+        mismatch = state_dict_mismatch(module.state_dict(), _part(resume.tensors, prefix))
+        if mismatch is not None:
+            raise DiffkitError(
+                f"{resume.path.with_suffix('.safetensors')} does not fit the network and optimiser this spec builds"
+                f" ('{prefix}*': {mismatch}); the checkpoint is damaged or the denoiser's plugin changed: move"
+                f" {resume.name}.* aside to resume from an earlier one, or start over with --force"
+            )
     online.load_state_dict(_part(resume.tensors, "online."))
     ema.model.load_state_dict(_part(resume.tensors, "ema."))
     ema.updates = saved["ema_updates"]

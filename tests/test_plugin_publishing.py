@@ -57,7 +57,7 @@ def diffkit_schedules():
 
 
 # -- the plugin API version ----------------------------------------------------------------------
-@pytest.mark.parametrize("declared", ["", "DIFFKIT_API_VERSION = 1"])
+@pytest.mark.parametrize("declared", ["", "DIFFKIT_API_VERSION = 1", "DIFFKIT_API_VERSION = 2"])
 def test_a_plugin_for_this_api_version_or_declaring_none_loads(make_dist, declared):
     make_dist("acme-ok", "1.0", {"acme": ("acme_ok_plugin", schedule_plugin(header=declared))})
     registry = diffkit.load_plugins()
@@ -65,14 +65,15 @@ def test_a_plugin_for_this_api_version_or_declaring_none_loads(make_dist, declar
 
 
 def test_a_plugin_for_a_newer_api_gets_a_clear_message_not_a_crash(make_dist):
-    make_dist("acme-future", "3.0", {"future": ("acme_future_plugin", schedule_plugin(header="DIFFKIT_API_VERSION = 2"))})
+    future = diffkit.API_VERSION + 1
+    make_dist("acme-future", "3.0", {"future": ("acme_future_plugin", schedule_plugin(header=f"DIFFKIT_API_VERSION = {future}"))})
     registry = diffkit.load_plugins()
     [info] = [p for p in registry.plugins if p.name == "future"]
     assert info.status == "failed"
-    assert "plugin 'future' (acme-future 3.0) was written for diffkit plugin API version 2" in info.error
-    assert f"loads plugins of API version {diffkit.API_VERSION}" in info.error and "upgrade diffkit" in info.error
+    assert f"plugin 'future' (acme-future 3.0) was written for diffkit plugin API version {future}" in info.error
+    assert "loads plugins of API version 1, 2" in info.error and "upgrade diffkit" in info.error
     assert "steps10" not in registry.tags("schedule")
-    with pytest.raises(PluginError, match="API version 2"):
+    with pytest.raises(PluginError, match=f"API version {future}"):
         diffkit.load_plugins(strict=True)
 
 

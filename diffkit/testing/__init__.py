@@ -27,10 +27,11 @@ from diffkit.testing import certify
 from diffkit.testing._common import ConformanceError, check_params, reference_schedule
 from diffkit.testing.certify import CertificationReport
 from diffkit.testing.certify import check_sampler as certify_sampler
+from diffkit.testing.dataset import check_dataset
 from diffkit.testing.denoiser import check_denoiser
 from diffkit.testing.guidance import check_guidance
 from diffkit.testing.objective import check_objective
-from diffkit.testing.plugin import isolated_registry, registered
+from diffkit.testing.plugin import installed_registry, isolated_registry, registered
 from diffkit.testing.sampler import check_sampler
 from diffkit.testing.schedule import check_schedule
 
@@ -39,12 +40,14 @@ __all__ = [
     "ConformanceError",
     "certify",
     "certify_sampler",
+    "check_dataset",
     "check_denoiser",
     "check_guidance",
     "check_objective",
     "check_params",
     "check_sampler",
     "check_schedule",
+    "installed_registry",
     "isolated_registry",
     "reference_schedule",
     "registered",

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from diffkit.plugins import load_plugins, set_registry
 from diffkit.registry import Entry, Registry
 
-__all__ = ["isolated_registry", "registered"]
+__all__ = ["isolated_registry", "installed_registry", "registered"]
 
 
 @contextmanager
@@ -22,6 +22,26 @@ def isolated_registry(*, builtins: bool = True) -> Iterator[Registry]:
     plugin can change what a test sees. Without, it is empty."""
     registry = (
         load_plugins(autoload=False, include=(), block=(), block_builtins=(), strict=True) if builtins else Registry()
+    )
+    previous = set_registry(registry)
+    try:
+        yield registry
+    finally:
+        set_registry(previous)
+
+
+@contextmanager
+def installed_registry(*distributions: str) -> Iterator[Registry]:
+    """A registry of diffkit's built-ins and the installed entry points of ``distributions``
+    only, loaded strictly (the first failure of theirs raises), made the process-wide one
+    inside the block. A plugin's test of its own entry points then passes or fails on that
+    plugin alone, whatever else is installed and whatever the ``DIFFKIT_*`` variables say::
+
+        with installed_registry("diffkit-sigmoid") as registry:
+            assert registry.get("schedule", "sigmoid").distribution == "diffkit-sigmoid"
+    """
+    registry = load_plugins(
+        autoload=False, include=(), block=(), block_builtins=(), strict=True, distributions=distributions
     )
     previous = set_registry(registry)
     try:

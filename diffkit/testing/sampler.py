@@ -68,7 +68,7 @@ def check_sampler(
         x64 = run(POINTS, (64, 2), seed, dtype=F64)
         subject.expect(x64.dtype == F64, f"asked for float64 samples, got {x64.dtype}")
         images = run(IMAGES, (max(n // 4, 256), 1, 4, 4), seed)
-        _expect_pixel_moments(subject, images, IMAGES, tolerance)
+        _expect_pixel_moments(subject, images, IMAGES, tolerance, run, seed)
         _check_start(subject, run, max(n // 2, 256), tolerance, seed)
         _check_callback(subject, run, seed)
 
@@ -159,8 +159,13 @@ def _expect_moments(subject: Subject, x: Tensor, oracle: GaussianData, tolerance
     )
 
 
-def _expect_pixel_moments(subject: Subject, x: Tensor, oracle: GaussianData, tolerance: float) -> None:
-    """The average pixel mean and variance of image samples, against the data's."""
+IMAGES_FLAT = GaussianData(IMAGES.mean, IMAGES.cov)
+"""The data of :data:`IMAGES` as 16-vectors: what tells a rank mistake from discretisation error."""
+
+
+def _pixel_moments(x: Tensor, oracle: GaussianData, tolerance: float) -> tuple[float, float, bool]:
+    """The average pixel mean and variance of samples, and whether both are within 5
+    standard errors plus ``tolerance`` times the data's scale of the oracle's."""
     n = x.shape[0]
     flat = x.reshape(n, -1).double()
     mean, var = flat.mean().item(), flat.var(0).mean().item()
@@ -169,11 +174,37 @@ def _expect_pixel_moments(subject: Subject, x: Tensor, oracle: GaussianData, tol
     pixels = flat.shape[1]
     mean_ok = abs(mean - want_mean) <= 5 * sd / math.sqrt(n * pixels) + tolerance * sd
     var_ok = abs(var - want_var) <= 5 * want_var * math.sqrt(2 / (n * pixels)) + tolerance * want_var
-    subject.expect(
-        mean_ok and var_ok,
+    return mean, var, mean_ok and var_ok
+
+
+def _expect_pixel_moments(
+    subject: Subject, x: Tensor, oracle: GaussianData, tolerance: float, run: _Runner, seed: int
+) -> None:
+    """The average pixel mean and variance of 1×4×4 image samples, against the data's. On a
+    failure the same data is drawn as 16-vectors, and the message says which was measured:
+    wrong as vectors too is the update's own error (too few steps, or a wrong coefficient);
+    right as vectors but wrong as images is a mistake with the tensor's rank."""
+    mean, var, ok = _pixel_moments(x, oracle, tolerance)
+    if ok:
+        return
+    want_mean, want_var = oracle.mean.mean().item(), oracle.cov.diag().mean().item()
+    flat = run(IMAGES_FLAT, (x.shape[0], 16), seed)
+    f_mean, f_var, flat_ok = _pixel_moments(flat, IMAGES_FLAT, tolerance)
+    measured = (
         f"driven by the exact denoiser of Gaussian 1×4×4 images, its samples have pixel mean {mean:.4f} and variance"
-        f" {var:.4f}; the data's are {want_mean:.4f} and {want_var:.4f}. Is the update written for any tensor"
-        " rank (coefficients broadcast with diffkit.diffusion.expand_like)?",
+        f" {var:.4f}; the data's are {want_mean:.4f} and {want_var:.4f} (allowed: 5 standard errors + {tolerance} ×"
+        f" the data's scale). The same data drawn as 16-vectors gives mean {f_mean:.4f} and variance {f_var:.4f}"
+    )
+    steps = "its default steps" if run.steps is None else f"{run.steps} steps"
+    if flat_ok:
+        raise subject.fail(
+            f"{measured}, which is right: the update mishandles tensors of rank 4; broadcast per-sample coefficients"
+            " with diffkit.diffusion.expand_like (never [:, None])"
+        )
+    raise subject.fail(
+        f"{measured}, as wrong: the error does not depend on the tensor's rank. It is the update's own error with"
+        f" {steps}: too few steps for its order (pass steps=, or a larger tolerance=), or a wrong coefficient; check"
+        " the update against the paper"
     )
 
 

@@ -155,7 +155,8 @@ def _check_derived(subject: Subject, sch: Schedule, abar: Tensor) -> None:
         f" {max_abs(torch.cumprod(1.0 - betas.double(), 0), abar):.3g}",
     )
     subject.expect(_close(alphas, 1.0 - betas.double()), "α_t must equal 1 − β_t")
-    subject.expect(_close(sch.sigmas.square(), 1.0 - abar), "σ_t² must equal 1 − ᾱ_t")
+    subject.expect(_close(sch.noise_std.square(), 1.0 - abar), "noise_std² (σ_t²) must equal 1 − ᾱ_t")
+    subject.expect(torch.equal(sch.sigmas, sch.noise_std), "sigmas must stay the alias of noise_std")
     subject.expect(_close(sch.snr, abar / (1.0 - abar)), "SNR(t) must equal ᾱ_t / (1 − ᾱ_t)")
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffkit
-from diffkit.testing import check_sampler, check_schedule, isolated_registry, registered
+from diffkit.testing import check_sampler, check_schedule, installed_registry, isolated_registry, registered
 from diffkit.testing.strategies import params
 
 from diffkit_sigmoid import plugin
@@ -50,7 +50,9 @@ def test_reverse_sde_with_fewer_steps_on_the_sigmoid_schedule(sigmoid_plugin):
 
 
 def test_installed_through_its_entry_point():
-    """Passes once the distribution is installed (pip install -e .): diffkit finds it."""
-    registry = diffkit.load_plugins(autoload=True, include=(), block=(), block_builtins=(), strict=True)
-    entry = registry.get("schedule", "sigmoid")
-    assert (entry.plugin, entry.distribution) == ("sigmoid", "diffkit-sigmoid")
+    """Passes once the distribution is installed (pip install -e .): diffkit finds it. Only
+    this distribution's entry points are loaded, so another broken plugin installed beside
+    it cannot fail this test."""
+    with installed_registry("diffkit-sigmoid") as registry:
+        entry = registry.get("schedule", "sigmoid")
+        assert (entry.plugin, entry.distribution, entry.api) == ("sigmoid", "diffkit-sigmoid", diffkit.API_VERSION)

@@ -7,7 +7,7 @@ from diffkit import Component, hookimpl
 from diffkit_sigmoid.sampler import ReverseSDEParams, reverse_sde
 from diffkit_sigmoid.schedule import SigmoidParams, sigmoid
 
-DIFFKIT_API_VERSION = 1
+DIFFKIT_API_VERSION = 2
 """The diffkit plugin API this plugin is written for (``diffkit.API_VERSION``)."""
 
 
