@@ -966,6 +966,7 @@ class Pipeline:
         own = getattr(chosen, "guidance", None)
         if noise not in ("per-sample", "batch"):
             raise DiffkitError(f"noise must be 'per-sample' or 'batch', got {noise!r}")
+        seeded = seed is not None
         seed = check_seed(seed) if seed is not None else fresh_seed()
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
@@ -996,7 +997,7 @@ class Pipeline:
                         predict = LabelledPredict(given, y_chunk, guidance_scale, finish)
                 elif not stepped:
                     predict = finish(self.predictor())
-                global_state = torch.get_rng_state() if seed is not None else None
+                global_state = torch.get_rng_state() if seeded else None
                 with torch.inference_mode(), self.plugin_faults("sampling"):
                     x = self.run_sampler(
                         chosen,
