@@ -12,6 +12,7 @@ from torch import Tensor
 from diffkit.interfaces import BuildContext, Predict, Schedule
 from diffkit.oracles import GaussianData
 from diffkit.registry import Registry
+from diffkit.sampling import is_step_sampler
 from diffkit.testing._common import Subject, max_abs, reference_schedule, resolve
 
 __all__ = ["check_sampler", "POINTS", "IMAGES"]
@@ -34,6 +35,7 @@ def check_sampler(
     n: int = 4000,
     tolerance: float = 0.1,
     seed: int = 0,
+    per_sample: bool = True,
 ) -> None:
     """Check that a sampler draws from the data distribution when its denoiser is exact;
     raise :class:`~diffkit.testing.ConformanceError` saying what is wrong if not.
@@ -56,7 +58,11 @@ def check_sampler(
       two seeds give different ones, and torch's global random generator is left
       untouched (all randomness comes from ``generator``);
     - ``callback(t, x_t)`` is called with each state, the last time with t = −1 and the
-      returned sample, and a tensor it returns replaces the state.
+      returned sample, and a tensor it returns replaces the state;
+    - a step sampler (plugin API 2) keeps the per-sample noise contract
+      (:func:`diffkit.testing.noise.check_sampler_noise`): a sample depends on the seed and
+      its index only, not on the batch. ``per_sample=False`` skips this for a sampler that
+      documents coupling its batch (``pc`` with ``step_norms: batch``).
     """
     subject = resolve("sampler", sampler, params, registry, BuildContext(sample_shape=(2,)))
     subject.expect(callable(subject.obj), f"a sampler must be callable, got {type(subject.obj).__name__}")
@@ -71,6 +77,14 @@ def check_sampler(
         _expect_pixel_moments(subject, images, IMAGES, tolerance, run, seed)
         _check_start(subject, run, max(n // 2, 256), tolerance, seed)
         _check_callback(subject, run, seed)
+    if per_sample and is_step_sampler(subject.obj):
+        from diffkit.testing.noise import check_sampler_noise
+
+        # an adaptive solver picks its step sizes for the whole batch: it agrees to its tolerances
+        p = getattr(subject.obj, "params", None)
+        rtol, atol = getattr(p, "rtol", None), getattr(p, "atol", None)
+        tol = 1e-9 if rtol is None else 300 * (float(rtol) + float(atol or 0.0))
+        check_sampler_noise(subject.obj, atol=tol)
 
 
 class _Runner:
