@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of the run's guidance (default: its spec's); 0 samples without guidance. Needs --label",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to sample (default cpu)")
+    p.add_argument(
+        "--noise",
+        choices=["per-sample", "batch"],
+        default="per-sample",
+        help="per-sample (default): a seed fixes each sample whatever --n, --batch-size or --device; batch: one"
+        " generator across each batch, as diffkit 0.1 drew it (reproduces a 0.1 run's samples)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile (compiled once, cached on disk; falls back to uncompiled with a"
+        " notice where compiling fails)",
+    )
     p.add_argument("--trajectory", metavar="FILE.png", help="also draw the reverse process, noise to data, for a few samples")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_plugin_options(p)
@@ -377,6 +390,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            noise=args.noise,
+            compile=args.compile,
         )
         for label in (classes or [None])
     ]

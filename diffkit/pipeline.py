@@ -44,6 +44,7 @@ from diffkit.interfaces import (
     network_output,
 )
 from diffkit.plugins import get_registry
+from diffkit.compiled import CompiledNetwork
 from diffkit.noise import NoiseMode, SampleNoise, fresh_seed
 from diffkit.process import Process
 from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
@@ -698,10 +699,11 @@ class Pipeline:
         given = self.conditional_predictor()
         return lambda x_t, t: given(x_t, t, cond)
 
-    def conditional_predictor(self) -> CondPredict:
+    def conditional_predictor(self, net: Any = None) -> CondPredict:
         """``predict(x_t, t, cond) -> ε̂`` under any labels (−1 or ``None``: no label), what
-        guidance wraps; an unconditional denoiser ignores the labels."""
-        net, objective, process = self.denoiser, self.objective, self.schedule
+        guidance wraps; an unconditional denoiser ignores the labels. ``net`` replaces the
+        denoiser as the callable run (its compiled form)."""
+        net, objective, process = self.denoiser if net is None else net, self.objective, self.schedule
 
         def predict(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
             out = network_output(net, process, x_t, t, cond)
@@ -710,12 +712,12 @@ class Pipeline:
 
         return predict
 
-    def denoise_fn(self, cond: Tensor | None = None, predict: Predict | None = None) -> DenoiseFn:
+    def denoise_fn(self, cond: Tensor | None = None, predict: Predict | None = None, net: Any = None) -> DenoiseFn:
         """``denoise(x_t, t) -> Denoised(x̂_0, ε̂)``: what a step sampler sees of the model.
 
         From the network through the objective's exact conversion; with ``predict`` (an
         ε̂-prediction, e.g. a guided one) from that, x̂_0 = (x_t − σ ε̂)/α."""
-        net, objective, process = self.denoiser, self.objective, self.schedule
+        net, objective, process = self.denoiser if net is None else net, self.objective, self.schedule
         if predict is not None:
             return denoise_from_eps(predict, process)
 
@@ -743,6 +745,7 @@ class Pipeline:
         x_start: Tensor | None = None,
         t_start: float | None = None,
         noise: SampleNoise | None = None,
+        net: Any = None,
     ) -> Tensor:
         """Run ``chosen`` once over a batch of ``shape`` (model space).
 
@@ -753,7 +756,7 @@ class Pipeline:
         sample (:mod:`diffkit.noise`); without it they come from ``generator``."""
         device = self.device
         if is_step_sampler(chosen):
-            denoise = self.denoise_fn(cond, predict)
+            denoise = self.denoise_fn(cond, predict, net)
             if bound is not None:
                 denoise = bound.denoised(denoise)
             try:
@@ -827,6 +830,14 @@ class Pipeline:
             low, high = torch.tensor(-D.FALLBACK_BOUND), torch.tensor(D.FALLBACK_BOUND)
         return D.X0Bound(self.schedule, low.to(self.device), high.to(self.device))
 
+    def compiled_network(self) -> CompiledNetwork:
+        """The denoiser through ``torch.compile`` (:class:`diffkit.compiled.CompiledNetwork`),
+        built once per pipeline and kept while the denoiser stays the same object."""
+        held = self.__dict__.get("_compiled")
+        if held is None or held.net is not self.denoiser:
+            held = self.__dict__["_compiled"] = CompiledNetwork(self.denoiser)
+        return held
+
     @property
     def _bound(self) -> D.X0Bound | None:
         """The bound on x̂_0 of this thread's last sampling call (each thread sees its own)."""
@@ -889,6 +900,7 @@ class Pipeline:
         progress: bool = False,
         callback: StepCallback | None = None,
         noise: NoiseMode = "per-sample",
+        compile: bool = False,
     ) -> Tensor:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
@@ -901,7 +913,9 @@ class Pipeline:
         is per sample, :mod:`diffkit.noise`; only the network's float rounding may differ).
         ``noise="batch"`` draws as 0.1 did, from one generator across the batch (the samples
         then depend on ``n`` and ``batch_size``); samplers written as whole loops (plugin
-        API 1) always do.
+        API 1) always do. ``compile=True`` runs the network through ``torch.compile``
+        (:mod:`diffkit.compiled`: compiled once per pipeline, cached on disk, uncompiled with a
+        one-line notice where compiling fails).
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
@@ -922,6 +936,7 @@ class Pipeline:
                 progress=progress,
                 callback=callback,
                 noise=noise,
+                compile=compile,
             )
         )
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
@@ -946,6 +961,7 @@ class Pipeline:
         progress: bool = False,
         callback: StepCallback | None = None,
         noise: NoiseMode = "per-sample",
+        compile: bool = False,
     ) -> Iterator[Tensor]:
         """:meth:`sample`'s ``n`` samples, chunk by chunk of ``batch_size`` as they are
         drawn (on the CPU, in data coordinates), so that only one chunk is held at a time.
@@ -970,7 +986,8 @@ class Pipeline:
         seed = check_seed(seed) if seed is not None else fresh_seed()
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-        given = self.conditional_predictor()
+        net = self.compiled_network() if compile else None
+        given = self.conditional_predictor(net)
         bound = self._bound = self.x0_bound(chosen)
         stepped = is_step_sampler(chosen)
         # a step sampler's bound is applied by the loop (run_sampler); a 0.1 sampler's wraps its ε̂
@@ -1010,6 +1027,7 @@ class Pipeline:
                         progress=progress,
                         callback=callback,
                         noise=SampleNoise(seed, start, m) if noise == "per-sample" else None,
+                        net=net,
                     )
                     if global_state is not None and not torch.equal(global_state, torch.get_rng_state()):
                         raise DiffkitError(self._global_rng_message(chosen, seed))

@@ -262,3 +262,33 @@ def test_the_kit_names_a_sampler_that_draws_from_torch_s_global_generator() -> N
 def test_the_kit_names_a_sampler_that_mixes_the_samples_of_a_batch() -> None:
     with pytest.raises(ConformanceError, match="depend only on the seed and its index"):
         check_sampler_noise(_BatchMean(_Params()))
+
+
+# -- compiled sampling ----------------------------------------------------------------------------
+def test_compiling_that_fails_falls_back_with_one_notice(moons, monkeypatch, capsys) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    moons.__dict__.pop("_compiled", None)
+    try:
+        x = moons.sample(5, seed=1, compile=True)
+        moons.sample(5, seed=1, compile=True)
+    finally:
+        moons.__dict__.pop("_compiled", None)
+    err = capsys.readouterr().err
+    assert err.count("compiling the network failed (RuntimeError: no C++ compiler here)") == 1
+    assert torch.equal(x, moons.sample(5, seed=1))
+
+
+@pytest.mark.slow
+def test_compiled_sampling_draws_the_samples_of_eager_sampling(moons, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    moons.__dict__.pop("_compiled", None)
+    try:
+        x = moons.sample(32, seed=2, sampler={"type": "heun", "steps": 5}, compile=True)
+        assert moons.compiled_network().failed is None
+    finally:
+        moons.__dict__.pop("_compiled", None)
+    torch.testing.assert_close(x, moons.sample(32, seed=2, sampler={"type": "heun", "steps": 5}), atol=1e-4, rtol=1e-4)
+    assert any((tmp_path / "cache").rglob("*")), "the compiled kernels are kept on disk"
