@@ -3,6 +3,7 @@
 
     python benchmarks/bench_sampling.py           # ddpm and heun, batch 64 and 4096 (~10 min here)
     python benchmarks/bench_sampling.py --quick   # fewer rounds and steps: checks that it runs
+    python benchmarks/bench_sampling.py --compiled  # only compiled sampling (compile time, cached start, speed)
 
 Two contenders per row, over the *same* network object, alternated round by round (A B,
 B A, ...) after a warm-up; medians and the paired median of per-round ratios are printed:
@@ -26,7 +27,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +124,56 @@ def bench(name: str, pipe: Pipeline, hand: Any, evals: int, rounds: int, sampler
     return out
 
 
+def first_call(compiled: bool) -> float:
+    """Seconds of the first ``sample`` call of a fresh pipeline (compiled: compilation included)."""
+    pipe = fitted(load_spec("moons.yaml"), 1)
+    t0 = time.perf_counter()
+    pipe.sample(64, seed=0, sampler={"type": "ddpm", "steps": 10}, compile=compiled)
+    return time.perf_counter() - t0
+
+
+def bench_compiled(rounds: int) -> None:
+    """Compiled sampling of the moons MLP at batch 64 against the eager hand loop: compile
+    time in this process (cold cache), then in a fresh process (warm cache), then the time per step."""
+    print("\n== compiled sampling (torch.compile), moons MLP, ddpm, batch 64 ==")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        cmd = [sys.executable, __file__, "--first-call"]
+        cold = float(subprocess.run(cmd + ["compiled"], env=env, capture_output=True, text=True, check=True).stdout)
+        warm = float(subprocess.run(cmd + ["compiled"], env=env, capture_output=True, text=True, check=True).stdout)
+        eager = float(subprocess.run(cmd + ["eager"], env=env, capture_output=True, text=True, check=True).stdout)
+    print(f"first call, 10 steps: eager {eager:.2f} s   compiled, empty cache {cold:.1f} s   compiled, cached {warm:.1f} s")
+    pipe = fitted(load_spec("moons.yaml"), 100)
+    hand = make_hand_ddpm(pipe, pipe.denoiser)
+    T = pipe.schedule.T
+    pipe.sample(64, seed=0, compile=True)
+    times = alternate(
+        {"compiled": lambda: pipe.sample(64, seed=1, compile=True), "hand": lambda: hand(64, 1)}, rounds=rounds
+    )
+    c, h = med(times["compiled"]) / T * 1e3, med(times["hand"]) / T * 1e3
+    speedup = 1 / paired_ratio(times["compiled"], times["hand"])
+    print(
+        f"per step: compiled pipe {c:.3f} ms   eager hand {h:.3f} ms   speed-up {h / c:.2f}x (paired {speedup:.2f}x)"
+        f"   goal >= 2x  {verdict(speedup >= 2)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, T = 100: checks that it runs")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
+    parser.add_argument("--compiled", action="store_true", help="only the compiled-sampling section")
+    parser.add_argument("--first-call", choices=["compiled", "eager"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.first_call:
+        print(first_call(args.first_call == "compiled"))
+        return 0
     rounds = 3 if args.quick else 7
+    if args.compiled:
+        bench_compiled(rounds)
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     spec = load_spec("moons.yaml")
     if args.quick:
@@ -136,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     bench("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), T, rounds, {"type": "ddpm"})
     edm = fitted(load_spec("moons-edm.yaml"), 100)
     bench("heun", edm, make_hand_heun(edm, edm.denoiser), 35, rounds * 3, {"type": "heun", "steps": 18})
+    bench_compiled(rounds)
     return 0
 
 

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override train.device")
+    p.add_argument("--compile", action="store_true", default=None, help="train through torch.compile (train.compile)")
     p.add_argument(
         "--force",
         action="store_true",
@@ -282,6 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     if args.device is not None:
         overrides["device"] = args.device
+    if args.compile:
+        overrides["compile"] = True
     overrides = _validated_overrides(overrides)
     if not writer:
         return _train(pipe, out, args, overrides, writer)

@@ -1,7 +1,7 @@
 """Compiled sampling: the network through ``torch.compile``, cached on disk, with a fallback.
 
-``Pipeline.sample(..., compile=True)`` (``diffkit sample --compile``) runs the network
-compiled. The compiled kernels are kept on disk (``$DIFFKIT_CACHE``, else
+``Pipeline.sample(..., compile=True)`` (``diffkit sample --compile``) and ``train:
+{compile: true}`` (``diffkit train --compile``) run the network compiled. The compiled kernels are kept on disk (``$DIFFKIT_CACHE``, else
 ``$XDG_CACHE_HOME/diffkit``, else ``~/.cache/diffkit``, under ``torchinductor``; an
 explicit ``TORCHINDUCTOR_CACHE_DIR`` wins), so a second process skips code generation and
 pays only the tracing. On CUDA the mode is ``reduce-overhead`` (CUDA graphs). Where
@@ -37,8 +37,9 @@ class CompiledNetwork:
     """Calls ``net`` through ``torch.compile`` (built on the first call); falls back to
     ``net`` itself, saying why once, if compiling or running the compiled code fails."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, purpose: str = "sampling") -> None:
         self.net = net
+        self.purpose = purpose
         self._compiled: Any = None
         self.failed: str | None = None
 
@@ -59,7 +60,9 @@ class CompiledNetwork:
             except Exception as exc:  # the compiler's own failure: run uncompiled
                 reason = " ".join(str(exc).split())[:300] or type(exc).__name__
                 self.failed = f"{type(exc).__name__}: {reason}"
-                print(f"diffkit: compiling the network failed ({self.failed}); sampling without it", file=sys.stderr)
+                print(
+                    f"diffkit: compiling the network failed ({self.failed}); {self.purpose} without it", file=sys.stderr
+                )
         return self.net(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -186,6 +186,11 @@ class TrainConfig(BaseModel):
         description="Steps between pictures of `preview` samples from the EMA weights, written to the run"
         " directory's samples/ during training; 0 disables.",
     )
+    compile: bool = Field(
+        False,
+        description="Train the network through torch.compile (compiled kernels cached on disk; where compiling"
+        " fails, one line says why and training runs uncompiled). The weights and checkpoints are the same.",
+    )
 
     @field_validator("min_lr")
     @classmethod

@@ -565,6 +565,10 @@ def train(
     if dist.distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(online, device_ids=ids)
+    if config.compile:  # the same parameters, run through torch.compile (falls back uncompiled, saying why)
+        from diffkit.compiled import CompiledNetwork
+
+        model = CompiledNetwork(model, "training")  # type: ignore[assignment]
     if resume is not None:  # last: nothing after this may draw from torch's generators before the loop
         with _checkpoint_fits(resume):
             torch.set_rng_state(resume.tensors[f"rng.rank{dist.rank}.cpu"])

@@ -292,3 +292,24 @@ def test_compiled_sampling_draws_the_samples_of_eager_sampling(moons, tmp_path, 
         moons.__dict__.pop("_compiled", None)
     torch.testing.assert_close(x, moons.sample(32, seed=2, sampler={"type": "heun", "steps": 5}), atol=1e-4, rtol=1e-4)
     assert any((tmp_path / "cache").rglob("*")), "the compiled kernels are kept on disk"
+
+
+def test_training_with_compile_that_fails_trains_the_same_weights_uncompiled(monkeypatch, capsys) -> None:
+    spec = dict(
+        schedule={"type": "linear", "timesteps": 20},
+        denoiser={"type": "mlp", "hidden": 16, "depth": 1},
+        data={"type": "moons", "n": 128},
+        train={"steps": 4, "batch_size": 32, "preview": 0, "device": "cpu"},
+    )
+    plain = diffkit.Pipeline(**spec)
+    plain.fit(progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    compiled = diffkit.Pipeline(**{**spec, "train": {**spec["train"], "compile": True}})
+    compiled.fit(progress=False)
+    assert "compiling the network failed (RuntimeError: no C++ compiler here); training without it" in capsys.readouterr().err
+    for (name, a), b in zip(plain.denoiser.state_dict().items(), compiled.denoiser.state_dict().values()):
+        assert torch.equal(a, b), name
