@@ -16,12 +16,11 @@ section is a discriminated union of the installed components of that kind, tagge
 can be chosen: a spec never names code to import.
 
 A component's parameters may themselves name components (:class:`ComponentSection`),
-e.g. the base sampler and the guidance of a guided sampler::
+e.g. a sampler that drives another one::
 
     sampler:
-      type: guided
+      type: my-wrapper
       base: {type: ddim, steps: 100}
-      guidance: {type: classifier, scale: 3.0}
 
 Such a nested section is validated against the same union of installed components as
 a top-level one, and its problems are reported at its full path (``sampler.base.steps``).
@@ -31,7 +30,8 @@ from __future__ import annotations
 
 import json
 import json.scanner
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -84,6 +84,9 @@ __all__ = [
     "Seed",
     "SEED_RANGE",
     "check_seed",
+    "OPTIONAL_SECTIONS",
+    "register_upgrade",
+    "upgrade_spec",
 ]
 
 # spec section -> kind of component; the order is the order sections are written in
@@ -93,7 +96,10 @@ SECTIONS: dict[str, str] = {
     "denoiser": "denoiser",
     "objective": "objective",
     "sampler": "sampler",
+    "guidance": "guidance",
 }
+# sections a spec may leave out altogether (then ``None``, and not written back)
+OPTIONAL_SECTIONS: frozenset[str] = frozenset({"guidance"})
 # sections that may be left out, and the component a spec then gets (if installed)
 DEFAULTS: dict[str, str] = {"schedule": "linear", "objective": "epsilon", "sampler": "ddpm"}
 
@@ -461,7 +467,9 @@ def spec_model(registry: Registry | None = None) -> type[Spec]:
         fields: dict[str, Any] = {}
         for section, kind in SECTIONS.items():
             default = DEFAULTS.get(section)
-            if default is not None and default in registry.tags(kind):
+            if section in OPTIONAL_SECTIONS:
+                fields[section] = (Union[types[kind], None], Field(None, description=f"The {kind} (optional)."))
+            elif default is not None and default in registry.tags(kind):
                 fields[section] = (types[kind], Field({"type": default}, description=f"The {kind} (default: {default})."))
             else:
                 fields[section] = (types[kind], Field(..., description=f"The {kind}."))
@@ -524,7 +532,31 @@ def iter_sections(spec: Spec) -> Iterator[tuple[str, str, BaseModel]]:
     """Every component section of a validated spec, nested ones included, as
     ``(path, kind, section)``: ``("sampler", "sampler", …)``, ``("sampler.base", "sampler", …)``."""
     for section, kind in SECTIONS.items():
-        yield from _sections(getattr(spec, section), section, kind)
+        if getattr(spec, section) is not None:
+            yield from _sections(getattr(spec, section), section, kind)
+
+
+# -- specs of earlier releases ---------------------------------------------------------------
+SpecUpgrade = Callable[[Mapping[str, Any]], "tuple[dict[str, Any], str | None]"]
+_upgrades: list[SpecUpgrade] = []
+
+
+def register_upgrade(upgrade: SpecUpgrade) -> None:
+    """Have every spec pass through ``upgrade(data) -> (data, notice)`` before it is
+    validated: a plugin rewrites a form an earlier release wrote into today's, saying so in
+    a one-line ``notice`` (``None`` where it changed nothing). Registering twice is a no-op."""
+    if upgrade not in _upgrades:
+        _upgrades.append(upgrade)
+
+
+def upgrade_spec(data: Mapping[str, Any], say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``data`` through every registered upgrade; each notice goes to ``say`` (stderr by default)."""
+    out = dict(data)
+    for upgrade in _upgrades:
+        out, notice = upgrade(out)
+        if notice:
+            (say or (lambda msg: print(f"diffkit: {msg}", file=sys.stderr)))(notice)
+    return out
 
 
 def validate_spec(
@@ -544,6 +576,7 @@ def validate_spec(
         data = data.model_dump(mode="json")
     if not isinstance(data, Mapping):
         raise SpecError([("", f"a spec must be a mapping of sections, got {type(data).__name__}")], source)
+    data = upgrade_spec(data)
     try:
         spec = model.model_validate(dict(data))
     except ValidationError as err:
@@ -738,7 +771,9 @@ def to_dict(spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {"requires": requires} if requires else {}
     out["seed"] = raw.pop("seed")
     for section, kind in SECTIONS.items():
-        out[section] = _type_first(raw.pop(section), getattr(spec, section))
+        body = raw.pop(section)
+        if body is not None:
+            out[section] = _type_first(body, getattr(spec, section))
     out.update(raw)
     return out
 
