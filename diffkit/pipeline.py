@@ -216,7 +216,7 @@ class Pipeline:
 
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
-            with using_registry(self.registry):  # nested sections (a guided sampler's base) come from it too
+            with using_registry(self.registry):  # nested sections come from it too
                 if kind == "denoiser":
                     self._check_size(kind, value)
                 return self.registry.build(kind, value, self.context)
@@ -885,13 +885,13 @@ class Pipeline:
             if asked:
                 raise DiffkitError(
                     "this model has no guidance to scale; sample without guidance options, or give its spec a"
-                    " guidance section (guidance: {type: classifier-free}, or {type: classifier})"
+                    " guidance section (see `diffkit list guidance` and docs/guidance.md)"
                 )
             if y is not None and not conditional:
                 raise DiffkitError(
                     "this model cannot sample by label: its denoiser is unconditional (no num_classes) and it has"
-                    " no guidance. Train a conditional denoiser (denoiser.num_classes, for classifier-free guidance)"
-                    " or use classifier guidance (guidance: {type: classifier})"
+                    " no guidance. Train a conditional denoiser (denoiser.num_classes) or give its spec a guidance"
+                    " section that steers an unconditional one (docs/guidance.md)"
                 )
             return None
         if method.needs_labels and y is None:

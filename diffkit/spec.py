@@ -154,7 +154,7 @@ class TrainConfig(BaseModel):
         ge=0,
         le=1,
         description="For a conditional denoiser (num_classes set): the fraction of training labels replaced by"
-        " 'no label', so that one network learns ε(x, y) and ε(x, ∅) for classifier-free guidance"
+        " 'no label', so that one network learns both ε(x, y) and the unconditional ε(x, ∅)"
         " (Ho & Salimans 2022, Alg. 1); 0 trains a purely conditional network.",
     )
     log_every: int = Field(50, ge=1, description="Steps between entries of metrics.jsonl.")
@@ -260,7 +260,7 @@ class ComponentSection:
     (``sampler.base.steps``), and the JSON Schema offers the same choices. A factory
     builds it with :func:`build_section`::
 
-        class GuidedParams(diffkit.Params):
+        class WrapperParams(diffkit.Params):
             base: ComponentSection["sampler"] = Field({"type": "ddpm"}, description="...")
 
     Nesting goes one level deep: a component with sections of its own cannot be named
@@ -479,7 +479,7 @@ def spec_model(registry: Registry | None = None) -> type[Spec]:
 
 def _clean_loc(loc: list[Any], data: Any) -> tuple[list[Any], Any]:
     """The field path without the union tags pydantic inserts after a section name
-    (``denoiser.mlp.hidden`` → ``denoiser.hidden``, ``sampler.guided.base.ddim.steps`` →
+    (``denoiser.mlp.hidden`` → ``denoiser.hidden``, ``sampler.my-wrapper.base.ddim.steps`` →
     ``sampler.base.steps``), and the data at the path's parent."""
     out: list[Any] = []
     node, parent = data, None
@@ -603,7 +603,7 @@ def validate_spec(
             problems.append(("schedule", f"these parameters give no valid schedule: {exc.problems[0][1]}"))
             T = None
         # By convention a sampler's `steps` parameter counts reverse steps, at most T;
-        # that holds for samplers nested in another (a guided sampler's base) too.
+        # that holds for samplers nested in another (a wrapper's base) too.
         for path, kind, section_model in sections:
             steps = getattr(section_model, "steps", None) if kind == "sampler" else None
             if isinstance(steps, int) and T is not None and steps > T:
