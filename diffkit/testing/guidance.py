@@ -89,7 +89,8 @@ def check_guidance(
     ``ddim``, or a sampler object). The properties, all under ``torch.inference_mode()``:
 
     - at scale 0 the wrapped prediction is ``predict(x_t, t, cond)`` exactly, and the
-      samples are the unguided ones bit for bit;
+      samples are the unguided ones bit for bit (all that is checked of a guidance that
+      sets ``needs_labels = False``, such as autoguidance, whose direction needs a trained model);
     - rows whose label is −1 are left unguided at every scale;
     - the mean p(y | x_0) of the samples asked for label y rises with every scale in
       ``scales`` and by at least 0.05 in all: guidance moves samples toward the label.
@@ -109,6 +110,8 @@ def check_guidance(
             stack.enter_context(restored_attribute(g, "classifier", ExactClassifier(schedule)))
         stack.enter_context(torch.inference_mode())
         _check_scale_zero(subject, model, schedule, run, seed)
+        if not getattr(g, "needs_labels", True):  # steers without labels: only scale 0 is checked here
+            return
         _check_unlabelled_rows(subject, model, schedule, scales, seed)
         _check_moves_toward_label(subject, model, schedule, run, scales, n, seed)
 
