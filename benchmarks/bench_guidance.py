@@ -132,6 +132,36 @@ def plot_tradeoff(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_options(rows: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    """Accuracy and judge confidence against the scale, plain, with the interval and with the rescale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    styles = {"plain": "o-", "interval": "s--", "rescale": "^:"}
+    names = {"plain": "plain", "interval": f"interval σ̃ ∈ [{INTERVAL[0]}, {INTERVAL[1]}]", "rescale": f"rescale φ = {RESCALE}"}
+    for method, variants in rows.items():
+        for variant, points in variants.items():
+            scales = [p["scale"] for p in points]
+            label = f"{'classifier γ' if method == 'classifier' else 'classifier-free w'}, {names[variant]}"
+            axes[0].plot(scales, [100 * p["accuracy"] for p in points], styles[variant], label=label)
+            axes[1].plot(scales, [p["confidence"] for p in points], styles[variant], label=label)
+    axes[0].axhline(90, color="0.6", ls="--", lw=1)
+    axes[0].set_ylabel("asked digit produced (%)")
+    axes[1].set_ylabel("judge's probability of the asked digit")
+    for ax in axes:
+        ax.set_xlabel("guidance scale")
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("digits 8×8, ddim 50 steps: guidance with and without its interval and rescale")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def gaussians_figure(path: Path, quick: bool) -> None:
     """The 2-D example: labels 0, 2 and 5 at scales 0, 1 and the default."""
     import matplotlib
@@ -215,6 +245,7 @@ def main() -> None:
         print(f"\nwrote {images / 'guidance-tradeoff.png'}")
         if args.gaussians:
             gaussians_figure(images / "guidance-gaussians.png", args.quick)
+    options_rows: dict[str, dict[str, list[dict]]] = {}
     markdown = ["| method | sampler | scale | " + " | ".join(f"{v}: accuracy, confidence" for v in VARIANTS) + " |"]
     markdown.append("|---|---|---|" + "---|" * len(VARIANTS))
     samplers_table: dict[str, dict] = {}
@@ -229,14 +260,19 @@ def main() -> None:
         sweep = SWEEP[method][:3] if args.quick else SWEEP[method]
         for scale in sweep:
             cells = []
-            for options in VARIANTS.values():
+            for variant, options in VARIANTS.items():
                 r = evaluate(pipe, judge, scale, per_label, real, **options)
                 cells.append(f"{r['accuracy']:.1%}, {r['confidence']:.2f}")
+                options_rows.setdefault(method, {}).setdefault(variant, []).append({k: v for k, v in r.items() if k != "samples"})
             markdown.append(f"| {method} | ddim 50 | {scale:g} | " + " | ".join(cells) + " |")
             print(markdown[-1])
     (runs / "bench_guidance.md").write_text("\n".join(markdown) + "\n")
+    if not args.no_figures:
+        plot_options(options_rows, images / "guidance-options.png")
+        print(f"wrote {images / 'guidance-options.png'}")
     table = {m: [{k: v for k, v in r.items() if k != "samples"} for r in rows] for m, rows in results.items()}
     table["samplers"] = samplers_table  # type: ignore[assignment]
+    table["options"] = options_rows  # type: ignore[assignment]
     out = runs / "bench_guidance.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"judge_accuracy": judge.test_accuracy, "summary": summary, "sweep": table}, indent=2))
