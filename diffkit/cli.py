@@ -382,7 +382,7 @@ def check_guidance_asked(pipe: Any, options: dict[str, Any], labelled: bool, how
             "this run has no guidance to change (--guidance-*); sample without those options, or train with a"
             " guidance section in the spec"
         )
-    if pipe.guidance.needs_labels and not labelled:
+    if getattr(pipe.guidance, "needs_labels", True) and not labelled:
         raise DiffkitError(f"--guidance-* needs {how}: the run's guidance steers toward the labels asked for")
 
 

@@ -305,7 +305,19 @@ def guide(
     and ``rescale_phi`` override the method's own options.
 
     Scale 0 returns ``model.predict(x_t, t, cond)`` itself; rows outside the interval get
-    it too, bit for bit, and where every row is outside, Δ is not computed at all."""
+    it too, bit for bit, and where every row is outside, Δ is not computed at all.
+
+    A guidance of plugin API 1 (an object with only ``wrap(predict, schedule, cond, *, scale)``)
+    is called through its ``wrap``; it takes no interval or rescale."""
+    if not isinstance(method, GuidanceMethod):
+        if interval is not None or rescale_phi is not None:
+            from diffkit.errors import DiffkitError
+
+            raise DiffkitError(
+                f"the guidance {type(method).__name__} is written for plugin API 1 (a wrap method), which takes no"
+                " interval or rescale; sample without them, or write it as a diffkit.guidance.GuidanceMethod"
+            )
+        return method.wrap(model.predict, model.process, cond, scale=scale)
     m = method.with_options(scale=scale, interval=interval, rescale=rescale_phi)
     params, process = m.params, model.process
     if params.scale == 0:

@@ -713,7 +713,7 @@ class Pipeline:
             if cause is None and tensor is not None and not bool(torch.isfinite(tensor).all()):
                 cause = f"the run's {name} holds NaN or infinite values; train again"
         if cause is None and labelled and self.guidance is not None:
-            scale = self.guidance.scale if guidance_scale is None else guidance_scale
+            scale = getattr(self.guidance, "scale", None) if guidance_scale is None else guidance_scale
             cause = f"the guidance scale ({scale}) is likely too large for this model; try a smaller one"
         if cause is None and self._bound is None:
             cause = "x̂_0 was not bounded (clip_denoised: null); leave clip_denoised at its default, 'auto'"
@@ -894,17 +894,17 @@ class Pipeline:
                     " section that steers an unconditional one (docs/guidance.md)"
                 )
             return None
-        if method.needs_labels and y is None:
+        if getattr(method, "needs_labels", True) and y is None:
             if asked:
                 raise DiffkitError("a guidance scale needs labels to guide toward; give labels as well")
             return None
-        if method.requires_conditional_denoiser and not conditional:
+        if getattr(method, "requires_conditional_denoiser", False) and not conditional:
             raise DiffkitError(
                 f"{type(method).__name__} needs a denoiser trained with and without labels, but this one is"
                 " unconditional; set denoiser.num_classes and train again"
             )
-        scale = method.scale if options.get("scale") is None else options["scale"]
-        problem = method.check_ready(scale)
+        scale = getattr(method, "scale", None) if options.get("scale") is None else options["scale"]
+        problem = method.check_ready(scale) if hasattr(method, "check_ready") else None
         if problem is not None:
             raise DiffkitError(problem)
         return method

@@ -52,7 +52,7 @@ def run_application(
     pipe = Pipeline.load(args.run, load_registry(args), device=args.device)
     check_guidance_asked(pipe, options, False, how="labels, and this command takes none (a guidance without labels,"
                          " such as autoguidance, guides here)")
-    if pipe.guidance is not None:  # the run's guidance, with the options asked for, guides every step
+    if hasattr(pipe.guidance, "with_options"):  # the run's guidance, with the options asked for, guides every step
         pipe.guidance = pipe.guidance.with_options(
             scale=options["scale"], interval=options["interval"], rescale=options["rescale_phi"]
         )
