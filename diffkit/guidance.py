@@ -42,7 +42,6 @@ and loads it back; :meth:`GuidanceMethod.parts` lists them.
 from __future__ import annotations
 
 import math
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -376,20 +375,15 @@ def upgrade_guided_sampler(data: Mapping[str, Any]) -> tuple[dict[str, Any], str
     sampler = data.get("sampler")
     if not (isinstance(sampler, Mapping) and sampler.get("type") == "guided") or "guidance" in data:
         return dict(data), None
-    rest = {k: v for k, v in sampler.items() if k not in ("type", "base", "guidance")}
     base = sampler.get("base", {"type": "ddpm"})
+    base = {"type": base} if isinstance(base, str) else base
     guidance = sampler.get("guidance")
+    rest = {k: v for k, v in sampler.items() if k not in ("type", "base", "guidance")}
     out = dict(data)
-    out["sampler"] = base
-    if rest:  # keys the guided sampler never had: keep them where the spec's error will name them
-        out["sampler"] = {**({"type": base} if isinstance(base, str) else dict(base)), **rest} if isinstance(base, (str, Mapping)) else base
-    if guidance is not None:
-        out["guidance"] = guidance
-    name = base if isinstance(base, str) else base.get("type") if isinstance(base, Mapping) else base
+    # keys the guided sampler never had stay on the sampler, where validation names them
+    out["sampler"] = {**base, **rest} if isinstance(base, Mapping) else base
+    out["guidance"] = {} if guidance is None else guidance  # none given: validation asks for its type
+    name = base.get("type") if isinstance(base, Mapping) else base
     method = guidance if isinstance(guidance, str) else guidance.get("type") if isinstance(guidance, Mapping) else "?"
     return out, GUIDED_NOTICE.format(base=f"{{type: {name}, ...}}", method=method)
 
-
-def say(message: str) -> None:
-    """A one-line notice on stderr."""
-    print(f"diffkit: {message}", file=sys.stderr)
