@@ -200,9 +200,19 @@ class GuidanceMethod(ABC):
         given = {k: v for k, v in options.items() if v is not None}
         if not given:
             return self
+        from pydantic import ValidationError
+
+        from diffkit.errors import DiffkitError
+
+        try:
+            params = self.params.model_validate({**self.params.model_dump(), **given})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DiffkitError(f"the guidance option {where} ({given.get(where, '')!r}): {first['msg']}") from None
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)
-        out.params = self.params.model_validate({**self.params.model_dump(), **given})
+        out.params = params
         return out
 
     def wrap(self, predict: CondPredict, schedule: Process, cond: Tensor | None, *, scale: float | None = None) -> Predict:

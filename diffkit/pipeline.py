@@ -903,6 +903,8 @@ class Pipeline:
                 f"{type(method).__name__} needs a denoiser trained with and without labels, but this one is"
                 " unconditional; set denoiser.num_classes and train again"
             )
+        if hasattr(method, "with_options"):  # the options checked here, before any sampling
+            method.with_options(scale=options.get("scale"), interval=options.get("interval"), rescale=options.get("rescale_phi"))
         scale = getattr(method, "scale", None) if options.get("scale") is None else options["scale"]
         problem = method.check_ready(scale) if hasattr(method, "check_ready") else None
         if problem is not None:

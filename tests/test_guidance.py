@@ -389,6 +389,10 @@ def test_bad_label_requests_are_clear_errors(classifier_run):
         plain.sample(10, labels=1)
     with pytest.raises(DiffkitError, match="no guidance to scale"):
         plain.sample(10, guidance_rescale=0.5)
+    with pytest.raises(DiffkitError, match="guidance option rescale"):
+        pipe.sample_batches(10, labels=1, guidance_rescale=1.5)
+    with pytest.raises(DiffkitError, match="guidance option interval.*lo ≤ hi"):
+        pipe.sample_batches(10, labels=1, guidance_interval=(2.0, 1.0))
 
 
 def test_classifier_guidance_trains_and_guides_on_a_continuous_process():
