@@ -481,6 +481,19 @@ def test_autoguidance_with_the_guide_equal_to_the_model_changes_nothing(cfg_run,
     assert torch.equal(diffkit.Pipeline.load(tmp_path / "auto").sample(50, seed=3), earlier.sample(50, seed=3))
 
 
+def test_autoguidance_by_another_run_directory(cfg_run, tmp_path):
+    pipe, directory = cfg_run
+    spec = {**to_dict(pipe.spec), "guidance": {"type": "autoguidance", "guide_run": str(directory), "scale": 2.0}}
+    auto = diffkit.Pipeline.from_spec(spec)
+    auto.denoiser.load_state_dict(pipe.denoiser.state_dict())
+    auto.data_mean, auto.data_std, auto.data_range = pipe.data_mean, pipe.data_std, pipe.data_range
+    assert auto.parts() == []  # nothing of its own to train or save: the guide is read from its run
+    assert torch.equal(auto.sample(60, seed=2), auto.sample(60, seed=2, guidance_scale=0.0))  # the guide is the model
+    missing = diffkit.Pipeline.from_spec({**spec, "guidance": {**spec["guidance"], "guide_run": str(tmp_path / "none")}})
+    with pytest.raises(DiffkitError, match="guide_run .* is not a run directory"):
+        missing.sample(4, seed=0)
+
+
 def test_autoguidance_names_a_missing_checkpoint(cfg_run, tmp_path):
     pipe, _ = cfg_run
     spec = {**to_dict(pipe.spec), "guidance": {"type": "autoguidance", "guide_step": 77}}
