@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffkit_plugins.unet import Downsample, ResBlock
 from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -33,7 +34,6 @@ from diffkit.nn import SinusoidalEmbedding
 from diffkit.process import Process, expand_like
 from diffkit.spec import TrainConfig
 from diffkit.train import BatchStream
-from diffkit_plugins.unet import Downsample, ResBlock
 
 __all__ = [
     "MLPClassifier",

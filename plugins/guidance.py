@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffkit_plugins.classifiers import ClassifierResult, classifier_logits, noisy_classifier, train_classifier
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -45,7 +46,6 @@ from diffkit.errors import DiffkitError
 from diffkit.guidance import GuidanceMethod, GuidanceParams, GuidedModel, RewardGuidance, upgrade_guided_sampler
 from diffkit.interfaces import TensorData
 from diffkit.spec import TrainConfig, register_upgrade
-from diffkit_plugins.classifiers import ClassifierResult, classifier_logits, noisy_classifier, train_classifier
 
 __all__ = [
     "ClassifierGuidance",

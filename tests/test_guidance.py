@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import diffkit
 from diffkit import BuildContext, DiffkitError, SpecError
 from diffkit.cli import main
-from diffkit.guidance import GuidanceParams, GuidedModel, RewardGuidance, guide, parse_interval
+from diffkit.guidance import GuidanceParams, RewardGuidance, parse_interval
 from diffkit.oracles import GaussianMixture
 from diffkit.sampling import denoise_from_eps, is_step_sampler
 from diffkit.sampling import run as run_loop
