@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="draw samples from a trained run",
         description="Draw samples from a trained run; with --label, samples of those classes (a conditional"
-        " denoiser, or a guided sampler: classifier or classifier-free guidance).",
+        " denoiser, or the run's guidance: classifier or classifier-free guidance).",
     )
     p.add_argument("run", help="run directory written by `diffkit train`")
     p.add_argument("--n", type=int, default=1000, help="number of samples, per label with --label (default 1000)")
@@ -140,14 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--label",
         metavar="LABELS",
         help="sample this class (3), or these classes (0,1,2: a picture with one row per label; .npy rows in"
-        " label order); needs a conditional denoiser or a guided sampler",
+        " label order); needs a conditional denoiser or the run's guidance",
     )
-    p.add_argument(
-        "--guidance-scale",
-        type=float,
-        metavar="S",
-        help="scale of the run's guidance (default: its spec's); 0 samples without guidance. Needs --label",
-    )
+    add_guidance_options(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to sample (default cpu)")
     p.add_argument(
         "--noise",
@@ -354,11 +349,64 @@ def _write_picture(pipe: Any, samples: Any, path: Path) -> None:
     pipe.picture(samples, path)
 
 
+def add_guidance_options(p: argparse.ArgumentParser) -> None:
+    """--guidance-scale, --guidance-interval and --guidance-rescale: the run's guidance, changed for this call."""
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="S",
+        help="scale of the run's guidance (default: its spec's); 0 samples without guidance",
+    )
+    p.add_argument(
+        "--guidance-interval",
+        metavar="LO,HI",
+        help="guide only where the noise level lies in [LO, HI], in the units of the guidance's interval_in"
+        " (σ̃ = σ/α by default; Kynkäänniemi et al. 2024); default: its spec's",
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        metavar="PHI",
+        help="φ in [0, 1] of rescaled guidance (Lin et al. 2024): 1 keeps the guided prediction's standard deviation"
+        " at the unguided one's; default: its spec's",
+    )
+
+
+def guidance_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The guidance options asked for on the command line, checked (``None`` where not given)."""
+    from diffkit.guidance import check_guidance_scale, parse_interval
+
+    check_guidance_scale(args.guidance_scale)
+    interval = None
+    if args.guidance_interval is not None:
+        try:
+            interval = parse_interval(args.guidance_interval)
+        except ValueError as exc:
+            raise DiffkitError(f"--guidance-interval: {exc}") from None
+    if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
+        raise DiffkitError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    return {"scale": args.guidance_scale, "interval": interval, "rescale_phi": args.guidance_rescale}
+
+
+def check_guidance_asked(pipe: Any, options: dict[str, Any], labelled: bool, how: str = "--label") -> None:
+    """One clear error for guidance options a run cannot use without labels."""
+    asked = [k for k, v in options.items() if v is not None]
+    if not asked:
+        return
+    if pipe.guidance is None:
+        raise DiffkitError(
+            "this run has no guidance to change (--guidance-*); sample without those options, or train with a"
+            " guidance section in the spec"
+        )
+    if getattr(pipe.guidance, "needs_labels", True) and not labelled:
+        raise DiffkitError(f"--guidance-* needs {how}: the run's guidance steers toward the labels asked for")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffkit import plotting
-    from diffkit.pipeline import Pipeline, check_guidance_scale, write_npy
+    from diffkit.pipeline import Pipeline, write_npy
 
     out = Path(args.out)
     if args.trajectory:
@@ -370,12 +418,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise DiffkitError(f"--batch-size must be at least 1, got {args.batch_size}")
     classes = _parse_labels(args.label) if args.label is not None else None
-    if args.guidance_scale is not None:
-        if classes is None:
-            raise DiffkitError("--guidance-scale needs --label: guidance steers toward the labels asked for")
-        check_guidance_scale(args.guidance_scale)
+    options = guidance_options(args)
     registry = load_registry(args)
     pipe = Pipeline.load(args.run, registry, device=args.device)
+    check_guidance_asked(pipe, options, classes is not None)
+    guidance = {
+        "guidance_scale": options["scale"],
+        "guidance_interval": options["interval"],
+        "guidance_rescale": options["rescale_phi"],
+    }
     if classes is not None:
         _check_labels(pipe, classes, args)
     total = args.n * (len(classes) if classes else 1)
@@ -390,7 +441,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             sampler=args.sampler,
             steps=args.steps,
             labels=label,
-            guidance_scale=args.guidance_scale,
+            **guidance,
             batch_size=args.batch_size,
             progress=not args.no_progress,
             noise=args.noise,
@@ -417,7 +468,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         where = torch.linspace(0, total - 1, shown).round().long()
         picked = None if classes is None else torch.tensor(classes)[where // args.n]
         ts, states = pipe.trajectory(
-            n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps, labels=picked, guidance_scale=args.guidance_scale
+            n=shown, seed=args.seed, sampler=args.sampler, steps=args.steps, labels=picked, **guidance
         )
         names = [f"t = {t}" if t >= 0 else "x₀" for t in ts]
         plotting.frames(states, names, args.trajectory, title="reverse process: noise → data")

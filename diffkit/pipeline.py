@@ -29,18 +29,16 @@ from diffkit import diffusion as D
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError, PluginError, SpecError
+from diffkit.guidance import GuidanceMethod, GuidedModel, check_guidance_scale, guide
 from diffkit.interfaces import (
     BuildContext,
     CondPredict,
     Dataset,
-    Guidance,
-    LabelledPredict,
     Objective,
     Predict,
     Sampler,
     Schedule,
     StepCallback,
-    TensorData,
     network_output,
 )
 from diffkit.plugins import get_registry
@@ -52,6 +50,7 @@ from diffkit.sampling import run as run_loop
 from diffkit.registry import Entry, Registry, loop_sampler_problem
 from diffkit.requirements import check_requirements
 from diffkit.spec import (
+    OPTIONAL_SECTIONS,
     SECTIONS,
     Spec,
     TrainConfig,
@@ -61,30 +60,27 @@ from diffkit.spec import (
     load_spec,
     parse_spec_file,
     to_dict,
+    upgrade_spec,
     using_registry,
     validate_spec,
 )
 from diffkit.train import (
     EMA,
-    ClassifierResult,
     MetricsLog,
     Outputs,
     TrainResult,
     resolve_device,
     train,
-    train_classifier,
 )
 from diffkit.train import _autocast, _summary_writer_class
 
-__all__ = ["Pipeline", "check_guidance_scale"]
+__all__ = ["Pipeline", "check_guidance_scale"]  # check_guidance_scale: from diffkit.guidance, as before
 
 Config = str | Mapping[str, Any] | BaseModel
 Labels = int | Sequence[int] | Tensor
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "denoiser.safetensors"
-CLASSIFIER_FILE = "classifier.safetensors"
-CLASSIFIER_METRICS_FILE = "classifier_metrics.jsonl"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
@@ -98,8 +94,6 @@ REFERENCE_POINTS = 5000
 """Training points a run saves to draw beside its samples, so that sampling never reads the data."""
 REFERENCE_IMAGES = 64
 """Training images a run saves for ``diffkit forward`` to noise, so that it never reads the data."""
-HELD_OUT_FRACTION = 0.1
-"""Share of the training data kept out of the classifier's training to measure its accuracy by t."""
 SAMPLE_BATCH_VALUES = 2**20
 """Values (samples × values per sample) drawn at once by default: one float32 state of 4 MB."""
 MAX_SAMPLE_BATCH = 10_000
@@ -143,6 +137,7 @@ class Pipeline:
         denoiser: Config | nn.Module = "mlp",
         objective: Config | Objective = "epsilon",
         sampler: Config | Sampler = "ddpm",
+        guidance: Config | GuidanceMethod | None = None,
         *,
         data: Config | Dataset | None = None,
         shape: tuple[int, ...] | None = None,
@@ -173,7 +168,11 @@ class Pipeline:
             self.schedule: Process = self._build("schedule", schedule)
             self.denoiser: nn.Module = self._build("denoiser", denoiser)
             self.objective: Objective = self._build("objective", objective)
+            if isinstance(sampler, Mapping) and guidance is None:  # a section of an earlier release's form
+                upgraded = upgrade_spec({"sampler": sampler})
+                sampler, guidance = upgraded["sampler"], upgraded.get("guidance")
             self.sampler: Sampler = self._build("sampler", sampler)
+            self.guidance: GuidanceMethod | None = None if guidance is None else self._build("guidance", guidance)
         self._check_loop_sampler(self.sampler)
         # Standardisation of point data, fitted on the training set (None for images).
         self.data_mean: Tensor | None = None
@@ -184,8 +183,9 @@ class Pipeline:
         self._per_thread = _PerThread()  # what a sampling call leaves behind, per thread
         self._online: nn.Module | None = None  # the raw trained weights; self.denoiser holds their EMA
         self.steps_trained = 0
-        self.classifier_steps_trained = 0  # of classifier guidance's classifier, where there is one
-        self.classifier_accuracy: list[dict[str, Any]] | None = None
+        for part in self.parts():
+            if hasattr(part, "attach"):
+                part.attach(self)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -222,7 +222,7 @@ class Pipeline:
 
     def _build(self, kind: str, value: Any) -> Any:
         if isinstance(value, (str, Mapping, BaseModel)):
-            with using_registry(self.registry):  # nested sections (a guided sampler's base) come from it too
+            with using_registry(self.registry):  # nested sections come from it too
                 if kind == "denoiser":
                     self._check_size(kind, value)
                 return self.registry.build(kind, value, self.context)
@@ -337,16 +337,15 @@ class Pipeline:
         fields = [f"{kind}.{k} ({v})" for k, v in changed.items()]
         memory.check_network_size(nbytes, f"{kind} '{config.get('type')}'", fields, **training)
 
-    @property
-    def guidance(self) -> Guidance | None:
-        """The guidance of the pipeline's sampler (a guided sampler's), or ``None``."""
-        return getattr(self.sampler, "guidance", None)
+    def parts(self) -> list[Any]:
+        """The components' networks with state of their own (:class:`diffkit.guidance.StatefulPart`):
+        trained by :meth:`fit` after the denoiser, saved and loaded with the run."""
+        parts = getattr(self.guidance, "parts", None)
+        return list(parts()) if parts is not None else []
 
-    @property
-    def classifier(self) -> nn.Module | None:
-        """The noise-aware classifier p_φ(y | x_t, t) of the pipeline's guidance, if it has one."""
-        net = getattr(self.guidance, "classifier", None)
-        return net if isinstance(net, nn.Module) else None
+    def normalizer(self) -> Callable[[Tensor], Tensor] | None:
+        """Data coordinates → model space (point data's standardisation), ``None`` where there is none."""
+        return self._normalize if self.data_mean is not None else None
 
     @property
     def dataset(self) -> Dataset:
@@ -415,6 +414,8 @@ class Pipeline:
             if section == "data":
                 continue
             obj = getattr(self, section)
+            if obj is None and section in OPTIONAL_SECTIONS:
+                continue
             section_spec = getattr(obj, "__diffkit_spec__", None)
             if section_spec is None:
                 raise DiffkitError(
@@ -553,8 +554,11 @@ class Pipeline:
         self._online = online
         self.steps_trained += result.steps
         self.denoiser.eval()
-        if self.classifier is not None:
-            result.classifier = self._fit_classifier(dataset, config, device, out if dist.is_writer else None, progress)
+        for part in self.parts():
+            report = part.fit(self, dataset, config, device, out if dist.is_writer else None, progress)
+            result.parts[part.name] = report
+            if report is not None and (progress or out is not None):  # `diffkit train --no-progress` shows it too
+                print(str(report), file=sys.stderr)
         return result
 
     def _outputs(
@@ -623,52 +627,6 @@ class Pipeline:
 
         return draw
 
-    def _fit_classifier(
-        self, dataset: Dataset, config: TrainConfig, device: torch.device, out: str | Path | None, progress: bool
-    ) -> ClassifierResult:
-        """Train classifier guidance's p_φ(y | x_t, t) on noised training data, holding out a
-        share of the data to report its accuracy as a function of t."""
-        classifier = self.classifier
-        assert classifier is not None
-        if not self.schedule.discrete:
-            raise DiffkitError(
-                "classifier guidance trains its classifier on a discrete table's integer timesteps, and this"
-                " model's process is continuous; use schedule linear or cosine, or classifier-free guidance"
-            )
-        if not dataset.num_classes:
-            raise DiffkitError("classifier guidance needs labelled data to train its classifier on; this data has no labels")
-        overrides = dict(getattr(self.guidance, "classifier_training", None) or {})
-        config = TrainConfig.model_validate({**config.model_dump(), **overrides})
-        train_data, held_out = _hold_out(dataset, HELD_OUT_FRACTION, self.seed)
-        metrics = None
-        if out is not None:
-            metrics = Path(out) / CLASSIFIER_METRICS_FILE
-            if self.classifier_steps_trained == 0:
-                metrics.unlink(missing_ok=True)
-        result = train_classifier(
-            classifier,
-            self.schedule,
-            train_data,
-            config,
-            seed=self.seed + 1 + self.classifier_steps_trained,
-            device=device,
-            transform=self._normalize if self.data_mean is not None else None,
-            held_out=held_out,
-            metrics_path=metrics,
-            progress=progress,
-            start_step=self.classifier_steps_trained,
-        )
-        self.classifier_steps_trained += result.steps
-        self.classifier_accuracy = result.accuracy
-        if progress or out is not None:  # a report, not progress: `diffkit train --no-progress` shows it too
-            print(
-                f"classifier p_φ(y | x_t, t): {result.steps} steps in {result.seconds:.1f} s, final loss"
-                f" {result.final_loss:.4f}; accuracy on {result.accuracy[0]['n'] if result.accuracy else 0}"
-                f" noisings of {result.evaluated_on} examples per band of t:\n{result.table()}",
-                file=sys.stderr,
-            )
-        return result
-
     def _fit_normalizer(self, dataset: Dataset) -> None:
         """Standardise point data per coordinate, once, from the training set, and record the
         standardised data's range, widened, as the default bound on x̂_0."""
@@ -699,11 +657,12 @@ class Pipeline:
         given = self.conditional_predictor()
         return lambda x_t, t: given(x_t, t, cond)
 
-    def conditional_predictor(self, net: Any = None) -> CondPredict:
+    def conditional_predictor(self, network: Any = None) -> CondPredict:
         """``predict(x_t, t, cond) -> ε̂`` under any labels (−1 or ``None``: no label), what
-        guidance wraps; an unconditional denoiser ignores the labels. ``net`` replaces the
-        denoiser as the callable run (its compiled form)."""
-        net, objective, process = self.denoiser if net is None else net, self.objective, self.schedule
+        guidance wraps; an unconditional denoiser ignores the labels. ``network`` stands in
+        for the denoiser (its compiled form, or another network of the same kind, e.g.
+        autoguidance's guide)."""
+        net, objective, process = network if network is not None else self.denoiser, self.objective, self.schedule
 
         def predict(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
             out = network_output(net, process, x_t, t, cond)
@@ -736,6 +695,7 @@ class Pipeline:
         shape: Sequence[int],
         *,
         cond: Tensor | None = None,
+        guidance: Mapping[str, Any] | None = None,
         predict: Predict | None = None,
         bound: D.X0Bound | None = None,
         generator: torch.Generator | None = None,
@@ -750,12 +710,17 @@ class Pipeline:
         """Run ``chosen`` once over a batch of ``shape`` (model space).
 
         A step sampler (plugin API 2) runs in :func:`diffkit.sampling.run` on
-        :meth:`denoise_fn` (``predict``, if given, replaces the network's ε̂: guidance),
-        bounded as its ``clip_denoised`` says; a 0.1 sampler (a whole loop) is called
-        with ``predict`` on a discrete table. ``noise`` makes a step sampler's draws per
-        sample (:mod:`diffkit.noise`); without it they come from ``generator``."""
+        :meth:`denoise_fn` of the prediction guided by the pipeline's guidance toward
+        ``cond`` (:meth:`guided_predictor`, with the options ``guidance``) where it guides,
+        bounded as its ``clip_denoised`` says (``predict``, if given, replaces the
+        network's ε̂); a 0.1 sampler (a whole loop) is called with ``predict`` on a
+        discrete table. ``noise`` makes a step sampler's draws per sample
+        (:mod:`diffkit.noise`); without it they come from ``generator``. ``net`` stands in
+        for the denoiser (its compiled form)."""
         device = self.device
         if is_step_sampler(chosen):
+            if predict is None:
+                predict = self.guided_predictor(cond, guidance or {}, net)
             denoise = self.denoise_fn(cond, predict, net)
             if bound is not None:
                 denoise = bound.denoised(denoise)
@@ -861,8 +826,7 @@ class Pipeline:
             return
         bad = int((~finite).sum())
         nets = [("the denoiser's weights", self.denoiser)]
-        if self.classifier is not None:
-            nets.append(("classifier guidance's classifier", self.classifier))
+        nets += [(f"the guidance's {part.name}", part.module) for part in self.parts()]
         cause = None
         for what, net in nets:
             for name, tensor in net.state_dict().items():
@@ -896,6 +860,8 @@ class Pipeline:
         *,
         labels: Labels | None = None,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float | None = None,
         batch_size: int | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
@@ -920,9 +886,10 @@ class Pipeline:
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
         samples of those classes: from a conditional denoiser, and steered by the
-        guidance of a guided sampler where there is one, at ``guidance_scale`` if given
-        (else the spec's). An unguided ``sampler`` override of a guided pipeline is
-        steered by the pipeline's guidance.
+        pipeline's guidance (its spec's ``guidance:`` section) where it has one, under any
+        sampler. ``guidance_scale``, ``guidance_interval`` ``(lo, hi)`` (in the guidance's
+        ``interval_in`` units) and ``guidance_rescale`` (φ) override the spec's; a guidance
+        that needs no labels (autoguidance, a reward) guides without them.
         """
         chunks = list(
             self.sample_batches(
@@ -932,6 +899,8 @@ class Pipeline:
                 steps,
                 labels=labels,
                 guidance_scale=guidance_scale,
+                guidance_interval=guidance_interval,
+                guidance_rescale=guidance_rescale,
                 batch_size=batch_size,
                 progress=progress,
                 callback=callback,
@@ -957,6 +926,8 @@ class Pipeline:
         *,
         labels: Labels | None = None,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float | None = None,
         batch_size: int | None = None,
         progress: bool = False,
         callback: StepCallback | None = None,
@@ -978,8 +949,8 @@ class Pipeline:
         chosen = self.sampler if sampler is None else self._build("sampler", sampler)
         device = self.device
         y = None if labels is None else self._labels(labels, n)
-        steer = self._steering(chosen, y, guidance_scale)
-        own = getattr(chosen, "guidance", None)
+        options = {"scale": guidance_scale, "interval": guidance_interval, "rescale_phi": guidance_rescale}
+        self._guidance_for(y, options)  # every check before this returns
         if noise not in ("per-sample", "batch"):
             raise DiffkitError(f"noise must be 'per-sample' or 'batch', got {noise!r}")
         seeded = seed is not None
@@ -999,27 +970,18 @@ class Pipeline:
             for start in range(0, n, batch):
                 m = min(batch, n - start)
                 predict: Predict | None = None
-                cond: Tensor | None = None
-                if y is not None:
-                    y_chunk = y[start : start + m].to(device)
-                    guidance = steer or own
-                    if stepped:
-                        if guidance is not None:
-                            predict = guidance.wrap(given, self.schedule, y_chunk, scale=guidance_scale)
-                        else:
-                            cond = y_chunk
-                    elif steer is not None:  # an unguided override, steered by the pipeline's guidance
-                        predict = finish(steer.wrap(given, self.schedule, y_chunk, scale=guidance_scale))
-                    else:
-                        predict = LabelledPredict(given, y_chunk, guidance_scale, finish)
-                elif not stepped:
-                    predict = finish(self.predictor())
+                y_chunk = None if y is None else y[start : start + m].to(device)
+                cond: Tensor | None = y_chunk if stepped else None
+                if not stepped:  # a 0.1 sampler is handed ε̂ whole: guided here, and bounded
+                    guided = self.guided_predictor(y_chunk, options, net)
+                    predict = finish(guided if guided is not None else (lambda x_t, t, c=y_chunk: given(x_t, t, c)))
                 global_state = torch.get_rng_state() if seeded else None
                 with torch.inference_mode(), self.plugin_faults("sampling"):
                     x = self.run_sampler(
                         chosen,
                         (m, *self.context.sample_shape),
                         cond=cond,
+                        guidance=options,
                         predict=predict,
                         bound=bound,
                         generator=generator,
@@ -1066,58 +1028,58 @@ class Pipeline:
             )
         return y.clone().expand(n)  # one class for all: a view, not a copy per sample
 
-    def _steering(self, chosen: Sampler, y: Tensor | None, scale: float | None) -> Guidance | None:
-        """Check that the pipeline can sample by these labels with ``chosen``; return the
-        pipeline's guidance where it must steer an unguided override sampler itself."""
-        own = self.guidance
-        guidance = getattr(chosen, "guidance", None)
-        if y is None:
-            if scale is not None:
+    def guided_predictor(
+        self, cond: Tensor | None, options: Mapping[str, Any] | None = None, network: Any = None
+    ) -> Predict | None:
+        """``predict(x_t, t) -> ε̃``: the model's prediction under labels ``cond`` wrapped by
+        the pipeline's guidance (:func:`diffkit.guidance.guide`; ``options``: ``scale``,
+        ``interval``, ``rescale_phi`` overriding the spec's), or ``None`` where this call is
+        not guided (no guidance, or one that needs labels and none are given). ``network``
+        stands in for the denoiser (its compiled form)."""
+        options = dict(options or {})
+        method = self._guidance_for(cond, options)
+        if method is None:
+            return None
+        model = GuidedModel(
+            self.conditional_predictor(network), self.schedule, self.conditional_predictor, self.denormalize
+        )
+        return guide(method, model, cond, **options)
+
+    def _guidance_for(self, y: Tensor | None, options: Mapping[str, Any]) -> GuidanceMethod | None:
+        """The guidance that steers this sampling call (``None``: unguided), after checking
+        that the pipeline can sample by these labels with these guidance options."""
+        method = self.guidance
+        asked = [k for k, v in options.items() if v is not None]
+        conditional = bool(getattr(self.denoiser, "num_classes", None))
+        if method is None:
+            if asked:
+                raise DiffkitError(
+                    "this model has no guidance to scale; sample without guidance options, or give its spec a"
+                    " guidance section (see `diffkit list guidance` and docs/guidance.md)"
+                )
+            if y is not None and not conditional:
+                raise DiffkitError(
+                    "this model cannot sample by label: its denoiser is unconditional (no num_classes) and it has"
+                    " no guidance. Train a conditional denoiser (denoiser.num_classes) or give its spec a guidance"
+                    " section that steers an unconditional one (docs/guidance.md)"
+                )
+            return None
+        if getattr(method, "needs_labels", True) and y is None:
+            if asked:
                 raise DiffkitError("a guidance scale needs labels to guide toward; give labels as well")
             return None
-        steer = None
-        if guidance is None and chosen is not self.sampler and own is not None:
-            guidance = steer = own
-        conditional = bool(getattr(self.denoiser, "num_classes", None))
-        if guidance is None:
-            if not conditional:
-                raise DiffkitError(
-                    "this model cannot sample by label: its denoiser is unconditional (no num_classes) and its"
-                    " sampler has no guidance. Train a conditional denoiser (denoiser.num_classes, for"
-                    " classifier-free guidance) or use classifier guidance (sampler: {type: guided, guidance:"
-                    " {type: classifier}})"
-                )
-            if scale is not None:
-                raise DiffkitError(
-                    f"this model's sampler ({type(chosen).__name__}) has no guidance to scale; sample without a"
-                    " guidance scale, or use sampler: {type: guided, guidance: {type: classifier-free}}"
-                )
-            return None
-        if getattr(guidance, "requires_conditional_denoiser", False) and not conditional:
+        if getattr(method, "requires_conditional_denoiser", False) and not conditional:
             raise DiffkitError(
-                f"{type(guidance).__name__} needs a denoiser trained with and without labels, but this one is"
+                f"{type(method).__name__} needs a denoiser trained with and without labels, but this one is"
                 " unconditional; set denoiser.num_classes and train again"
             )
-        needs = getattr(guidance, "classifier", None)
-        effective = getattr(guidance, "scale", None) if scale is None else scale
-        if isinstance(needs, nn.Module) and effective != 0:
-            trained = self.classifier
-            if trained is None or self.classifier_steps_trained == 0:
-                raise DiffkitError(
-                    "classifier guidance needs a trained classifier, and this model has none: train with the guided"
-                    " sampler in the spec (sampler: {type: guided, guidance: {type: classifier}}) so that fit()"
-                    f" trains one (diffkit train saves it as {CLASSIFIER_FILE})"
-                )
-            if needs is not trained:  # an override's guidance: give it this pipeline's trained classifier
-                try:
-                    needs.load_state_dict(trained.state_dict())
-                except RuntimeError:
-                    raise DiffkitError(
-                        "the classifier guidance asked for has another classifier than the one this model trained;"
-                        " leave its width and depth as in the model's spec"
-                    ) from None
-                needs.to(self.device).eval()
-        return steer
+        if hasattr(method, "with_options"):  # the options checked here, before any sampling
+            method.with_options(scale=options.get("scale"), interval=options.get("interval"), rescale=options.get("rescale_phi"))
+        scale = getattr(method, "scale", None) if options.get("scale") is None else options["scale"]
+        problem = method.check_ready(scale) if hasattr(method, "check_ready") else None
+        if problem is not None:
+            raise DiffkitError(problem)
+        return method
 
     def trajectory(
         self,
@@ -1129,10 +1091,12 @@ class Pipeline:
         *,
         labels: Labels | None = None,
         guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float | None = None,
     ) -> tuple[list[int], Tensor]:
         """The reverse process from noise to data: ``frames`` evenly spaced states of
         ``n`` samples, as ``(timesteps, states [frames, n, ...])`` in data coordinates
-        (timestep −1 is the final sample). ``labels`` and ``guidance_scale`` as in :meth:`sample`."""
+        (timestep −1 is the final sample). ``labels`` and the guidance options as in :meth:`sample`."""
         seen: list[tuple[int, Tensor]] = []
         self.sample(
             n,
@@ -1141,6 +1105,8 @@ class Pipeline:
             steps=steps,
             labels=labels,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
             callback=lambda t, x: seen.append((t, x.clone())),
         )
         picks = torch.linspace(0, len(seen) - 1, min(frames, len(seen))).round().long().tolist()
@@ -1175,14 +1141,12 @@ class Pipeline:
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "diffkit-pipeline-1"})
         checksums = {WEIGHTS_FILE: checkpoint.sha256_file(directory / WEIGHTS_FILE)}
-        classifier = self.classifier
-        if classifier is not None and self.classifier_steps_trained > 0:
-            checkpoint.save_tensors(
-                directory / CLASSIFIER_FILE,
-                {k: v.contiguous() for k, v in classifier.state_dict().items()},
-                metadata={"format": "diffkit-classifier-1"},
-            )
-            checksums[CLASSIFIER_FILE] = checkpoint.sha256_file(directory / CLASSIFIER_FILE)
+        for part in self.parts():
+            if part.steps_trained > 0:
+                name = f"{part.name}.safetensors"
+                state = {k: v.contiguous() for k, v in part.module.state_dict().items()}
+                checkpoint.save_tensors(directory / name, state, metadata={"format": f"diffkit-{part.name}-1"})
+                checksums[name] = checkpoint.sha256_file(directory / name)
         checkpoint.write_json(
             directory / META_FILE,
             {
@@ -1194,11 +1158,7 @@ class Pipeline:
                 "data_diameter": self.context.data_diameter,
                 "steps_trained": self.steps_trained,
                 "sha256": checksums,
-                "classifier": (
-                    {"steps_trained": self.classifier_steps_trained, "accuracy_by_t": self.classifier_accuracy}
-                    if classifier is not None
-                    else None
-                ),
+                "parts": {part.name: part.info() for part in self.parts() if part.steps_trained > 0},
                 "components": {
                     path: {"plugin": e.plugin, "distribution": e.distribution, "version": e.version}
                     for path, kind, section in iter_sections(spec)
@@ -1247,7 +1207,7 @@ class Pipeline:
                 raise
             raise DiffkitError(f"{exc} (other plugin versions than the run's: {'; '.join(changed)})") from None
         pipe.steps_trained = int(meta.get("steps_trained", 0))
-        pipe._load_classifier(directory, meta)
+        pipe._load_parts(directory, meta)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -1293,27 +1253,27 @@ class Pipeline:
             )
         self.denoiser.eval()
 
-    def _load_classifier(self, directory: Path, meta: Mapping[str, Any]) -> None:
-        """Load classifier guidance's classifier where the run has one; a run without the
-        file loads, and sampling by label then says that the classifier is missing."""
-        classifier = self.classifier
-        path = directory / CLASSIFIER_FILE
-        if classifier is None or not path.is_file():
-            return
-        tensors = checkpoint.load_tensors(path, meta["sha256"].get(CLASSIFIER_FILE))
-        _check_tensors(path, tensors, classifier.state_dict())
-        mismatch = checkpoint.state_dict_mismatch(classifier.state_dict(), tensors)
-        if mismatch is not None:
-            raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes: {mismatch}")
-        try:
-            classifier.load_state_dict(tensors)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise DiffkitError(f"the classifier in {path} does not fit the one its spec describes ({first})") from None
-        classifier.eval()
-        info = meta.get("classifier") or {}
-        self.classifier_steps_trained = int(info.get("steps_trained") or 1)
-        self.classifier_accuracy = info.get("accuracy_by_t")
+    def _load_parts(self, directory: Path, meta: Mapping[str, Any]) -> None:
+        """Load the networks of the components with state where the run has them; a run
+        without one's file loads, and sampling that needs it then says that it is missing."""
+        for part in self.parts():
+            path = directory / f"{part.name}.safetensors"
+            if not path.is_file():
+                continue
+            tensors = checkpoint.load_tensors(path, meta["sha256"].get(path.name))
+            _check_tensors(path, tensors, part.module.state_dict())
+            mismatch = checkpoint.state_dict_mismatch(part.module.state_dict(), tensors)
+            if mismatch is not None:
+                raise DiffkitError(f"the {part.name} in {path} does not fit the one its spec describes: {mismatch}")
+            try:
+                part.module.load_state_dict(tensors)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0]
+                raise DiffkitError(f"the {part.name} in {path} does not fit the one its spec describes ({first})") from None
+            part.module.eval()
+            # runs of 0.1 kept a part's record at the top level of meta.json, under its name
+            info = (meta.get("parts") or {}).get(part.name, meta.get(part.name))
+            part.load_info(info if isinstance(info, Mapping) else {} if info is None else {"steps_trained": info})
 
     def check_picture(self, n: int, asked: str = "--n, times the number of labels") -> None:
         """Refuse a picture of more samples than :data:`PICTURE_LIMITS` allows, before they
@@ -1362,8 +1322,8 @@ class Pipeline:
         self.denoiser.to(device)
         if self._online is not None:
             self._online.to(device)
-        if self.classifier is not None:
-            self.classifier.to(device)
+        for part in self.parts():
+            part.module.to(device)
         return self
 
     def __repr__(self) -> str:
@@ -1477,13 +1437,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise bad("data_kind", "'points' or 'images'")
     if not count(meta.get("steps_trained", 0), 0):
         raise bad("steps_trained", "an integer of at least 0")
-    info = meta.get("classifier")
-    if info is not None and (
-        not isinstance(info, dict)
-        or not (info.get("steps_trained") is None or count(info["steps_trained"], 0))
-        or not isinstance(info.get("accuracy_by_t") or [], list)
-    ):
-        raise bad("classifier", "null or an object with steps_trained (an integer) and accuracy_by_t (a list)")
+    parts = meta.get("parts")
+    if parts is not None and (not isinstance(parts, dict) or not all(isinstance(v, dict) for v in parts.values())):
+        raise bad("parts", "an object of the components' records (each an object)")
     diameter = meta.get("data_diameter")
     if diameter is not None and not (
         isinstance(diameter, (int, float)) and not isinstance(diameter, bool) and math.isfinite(diameter) and diameter > 0
@@ -1545,28 +1501,6 @@ def _standardisation(path: Path, tensors: Mapping[str, Tensor], shape: tuple[int
             " or train the run again"
         )
     return mean, std
-
-
-def check_guidance_scale(scale: float | None) -> None:
-    """Refuse a guidance scale that is not a finite number ≥ 0 (``None``: the spec's)."""
-    if scale is not None and not (math.isfinite(scale) and scale >= 0):
-        raise DiffkitError(
-            f"the guidance scale must be a finite number of at least 0, got {scale}; 0 samples without guidance"
-        )
-
-
-def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
-    """Split in-memory data into what the classifier trains on and a held-out share (at
-    least one example, at most 2,000) to measure it on; other data is not split."""
-    tensors = dataset.tensors()
-    if tensors is None or len(dataset) < 20:
-        return dataset, None
-    x, y = tensors
-    k = min(2000, max(1, round(fraction * len(dataset))))
-    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    rest, held = perm[k:], perm[:k]
-    train = TensorData(x[rest], y[rest], num_classes=dataset.num_classes, kind=dataset.kind)
-    return train, (x[held], y[held])
 
 
 def _spec_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:

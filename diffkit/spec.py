@@ -16,12 +16,11 @@ section is a discriminated union of the installed components of that kind, tagge
 can be chosen: a spec never names code to import.
 
 A component's parameters may themselves name components (:class:`ComponentSection`),
-e.g. the base sampler and the guidance of a guided sampler::
+e.g. a sampler that drives another one::
 
     sampler:
-      type: guided
+      type: my-wrapper
       base: {type: ddim, steps: 100}
-      guidance: {type: classifier, scale: 3.0}
 
 Such a nested section is validated against the same union of installed components as
 a top-level one, and its problems are reported at its full path (``sampler.base.steps``).
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -85,6 +85,9 @@ __all__ = [
     "Seed",
     "SEED_RANGE",
     "check_seed",
+    "OPTIONAL_SECTIONS",
+    "register_upgrade",
+    "upgrade_spec",
 ]
 
 # spec section -> kind of component; the order is the order sections are written in
@@ -94,7 +97,10 @@ SECTIONS: dict[str, str] = {
     "denoiser": "denoiser",
     "objective": "objective",
     "sampler": "sampler",
+    "guidance": "guidance",
 }
+# sections a spec may leave out altogether (then ``None``, and not written back)
+OPTIONAL_SECTIONS: frozenset[str] = frozenset({"guidance"})
 # sections that may be left out, and the component a spec then gets (if installed)
 DEFAULTS: dict[str, str] = {"schedule": "linear", "objective": "epsilon", "sampler": "ddpm"}
 
@@ -149,7 +155,7 @@ class TrainConfig(BaseModel):
         ge=0,
         le=1,
         description="For a conditional denoiser (num_classes set): the fraction of training labels replaced by"
-        " 'no label', so that one network learns ε(x, y) and ε(x, ∅) for classifier-free guidance"
+        " 'no label', so that one network learns both ε(x, y) and the unconditional ε(x, ∅)"
         " (Ho & Salimans 2022, Alg. 1); 0 trains a purely conditional network.",
     )
     log_every: int = Field(50, ge=1, description="Steps between entries of metrics.jsonl.")
@@ -260,7 +266,7 @@ class ComponentSection:
     (``sampler.base.steps``), and the JSON Schema offers the same choices. A factory
     builds it with :func:`build_section`::
 
-        class GuidedParams(diffkit.Params):
+        class WrapperParams(diffkit.Params):
             base: ComponentSection["sampler"] = Field({"type": "ddpm"}, description="...")
 
     Nesting goes one level deep: a component with sections of its own cannot be named
@@ -458,7 +464,9 @@ def spec_model(registry: Registry | None = None) -> type[Spec]:
         fields: dict[str, Any] = {}
         for section, kind in SECTIONS.items():
             default = DEFAULTS.get(section)
-            if default is not None and default in registry.tags(kind):
+            if section in OPTIONAL_SECTIONS:
+                fields[section] = (Union[types[kind], None], Field(None, description=f"The {kind} (optional)."))
+            elif default is not None and default in registry.tags(kind):
                 fields[section] = (types[kind], Field({"type": default}, description=f"The {kind} (default: {default})."))
             else:
                 fields[section] = (types[kind], Field(..., description=f"The {kind}."))
@@ -468,7 +476,7 @@ def spec_model(registry: Registry | None = None) -> type[Spec]:
 
 def _clean_loc(loc: list[Any], data: Any) -> tuple[list[Any], Any]:
     """The field path without the union tags pydantic inserts after a section name
-    (``denoiser.mlp.hidden`` → ``denoiser.hidden``, ``sampler.guided.base.ddim.steps`` →
+    (``denoiser.mlp.hidden`` → ``denoiser.hidden``, ``sampler.my-wrapper.base.ddim.steps`` →
     ``sampler.base.steps``), and the data at the path's parent."""
     out: list[Any] = []
     node, parent = data, None
@@ -521,7 +529,31 @@ def iter_sections(spec: Spec) -> Iterator[tuple[str, str, BaseModel]]:
     """Every component section of a validated spec, nested ones included, as
     ``(path, kind, section)``: ``("sampler", "sampler", …)``, ``("sampler.base", "sampler", …)``."""
     for section, kind in SECTIONS.items():
-        yield from _sections(getattr(spec, section), section, kind)
+        if getattr(spec, section) is not None:
+            yield from _sections(getattr(spec, section), section, kind)
+
+
+# -- specs of earlier releases ---------------------------------------------------------------
+SpecUpgrade = Callable[[Mapping[str, Any]], "tuple[dict[str, Any], str | None]"]
+_upgrades: list[SpecUpgrade] = []
+
+
+def register_upgrade(upgrade: SpecUpgrade) -> None:
+    """Have every spec pass through ``upgrade(data) -> (data, notice)`` before it is
+    validated: a plugin rewrites a form an earlier release wrote into today's, saying so in
+    a one-line ``notice`` (``None`` where it changed nothing). Registering twice is a no-op."""
+    if upgrade not in _upgrades:
+        _upgrades.append(upgrade)
+
+
+def upgrade_spec(data: Mapping[str, Any], say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``data`` through every registered upgrade; each notice goes to ``say`` (stderr by default)."""
+    out = dict(data)
+    for upgrade in _upgrades:
+        out, notice = upgrade(out)
+        if notice:
+            (say or (lambda msg: print(f"diffkit: {msg}", file=sys.stderr)))(notice)
+    return out
 
 
 def validate_spec(
@@ -541,6 +573,7 @@ def validate_spec(
         data = data.model_dump(mode="json")
     if not isinstance(data, Mapping):
         raise SpecError([("", f"a spec must be a mapping of sections, got {type(data).__name__}")], source)
+    data = upgrade_spec(data)
     try:
         spec = model.model_validate(dict(data))
     except ValidationError as err:
@@ -573,7 +606,7 @@ def validate_spec(
             problems.append(("schedule", str(exc)))
             process, T = None, None
         # By convention a sampler's `steps` parameter counts reverse steps, at most T;
-        # that holds for samplers nested in another (a guided sampler's base) too.
+        # that holds for samplers nested in another (a wrapper's base) too.
         for path, kind, section_model in sections:
             steps = getattr(section_model, "steps", None) if kind == "sampler" else None
             if isinstance(steps, int) and T is not None and steps > T:
@@ -822,7 +855,9 @@ def to_dict(spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {"requires": requires} if requires else {}
     out["seed"] = raw.pop("seed")
     for section, kind in SECTIONS.items():
-        out[section] = _type_first(raw.pop(section), getattr(spec, section))
+        body = raw.pop(section)
+        if body is not None:
+            out[section] = _type_first(body, getattr(spec, section))
     out.update(raw)
     return out
 

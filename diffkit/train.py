@@ -1,5 +1,4 @@
-"""The training loops: the denoiser's, and that of the noise-aware classifier of
-classifier guidance, with its accuracy as a function of t.
+"""The denoiser's training loop.
 
 The denoiser's loop (:func:`train`) runs AdamW with warm-up and cosine decay, gradient
 accumulation and clipping, mixed precision, an EMA of the weights, and data parallelism
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -50,9 +48,6 @@ __all__ = [
     "NonFiniteLoss",
     "train",
     "drop_labels",
-    "ClassifierResult",
-    "train_classifier",
-    "classifier_accuracy",
 ]
 
 
@@ -355,8 +350,9 @@ class TrainResult:
     seconds: float
     final_loss: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    classifier: ClassifierResult | None = None
-    """The training of classifier guidance's classifier, where the pipeline has one."""
+    parts: dict[str, Any] = field(default_factory=dict)
+    """What training each component's network with state of its own reported, by name
+    (:meth:`diffkit.Pipeline.parts`), after the denoiser's."""
     effective_batch_size: int = 0
     """Examples per optimiser step over all processes: batch_size × grad_accum × processes."""
     resumed_from: int | None = None
@@ -703,153 +699,3 @@ def train(
         resumed_from=saved["step"] if saved is not None else None,
         skipped=skipped,
     )
-
-
-# -- the noise-aware classifier of classifier guidance ---------------------------------------------
-@dataclass
-class ClassifierResult:
-    """What a call to :func:`train_classifier` did, and the classifier's accuracy by t."""
-
-    steps: int
-    seconds: float
-    final_loss: float
-    accuracy: list[dict[str, Any]]
-    """One row per band of timesteps: ``{"t_from", "t_to", "accuracy", "n"}`` (t_to exclusive)."""
-    evaluated_on: str
-    """``"held-out"`` (examples kept out of the classifier's training) or ``"training"``."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def table(self) -> str:
-        """The accuracy by t as two aligned lines, for a terminal."""
-        heads = [f"{r['t_from']}–{r['t_to'] - 1}" for r in self.accuracy]
-        cells = [f"{r['accuracy']:.0%}" for r in self.accuracy]
-        widths = [max(len(h), len(c)) for h, c in zip(heads, cells)]
-        return (
-            "  t    " + "  ".join(h.rjust(w) for h, w in zip(heads, widths)) + "\n"
-            "  acc  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-        )
-
-
-def classifier_loss(classifier: nn.Module, schedule: Schedule, x0: Tensor, y: Tensor) -> Tensor:
-    """E_{t, ε} −log p_φ(y | x_t, t), t uniform over the T steps, x_t ~ q(x_t | x_0)
-    (the noised training of Dhariwal & Nichol 2021, Sec. 4)."""
-    t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
-    x_t = schedule.q_sample(x0, t, torch.randn_like(x0))
-    return F.cross_entropy(classifier(x_t, t), y)
-
-
-@torch.no_grad()
-def classifier_accuracy(
-    classifier: nn.Module,
-    schedule: Schedule,
-    x0: Tensor,
-    y: Tensor,
-    *,
-    bands: int = 10,
-    draws: int = 1000,
-    seed: int = 0,
-    batch_size: int = 1024,
-) -> list[dict[str, Any]]:
-    """Accuracy of argmax p_φ(y | x_t, t) on labelled data ``(x0, y)`` noised in each of
-    ``bands`` equal bands of timesteps: at least ``draws`` noisings per band (the data
-    repeated with fresh ε and t drawn uniformly in the band)."""
-    classifier.eval()
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    T = schedule.T
-    edges = torch.linspace(0, T, bands + 1).round().long().tolist()
-    reps = max(1, -(-draws // x0.shape[0]))
-    rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        if hi <= lo:
-            continue
-        correct, n = 0, 0
-        for _ in range(reps):
-            for i in range(0, x0.shape[0], batch_size):
-                xb, yb = x0[i : i + batch_size], y[i : i + batch_size]
-                t = torch.randint(lo, hi, (xb.shape[0],), generator=g).to(xb.device)
-                eps = torch.randn(xb.shape, generator=g).to(device=xb.device, dtype=xb.dtype)
-                pred = classifier(schedule.q_sample(xb, t, eps), t).argmax(dim=-1)
-                correct += int((pred == yb).sum())
-                n += xb.shape[0]
-        rows.append({"t_from": lo, "t_to": hi, "accuracy": correct / n, "n": n})
-    return rows
-
-
-def train_classifier(
-    classifier: nn.Module,
-    schedule: Schedule,
-    data: Dataset,
-    config: TrainConfig,
-    *,
-    seed: int,
-    device: torch.device,
-    transform: Any = None,
-    held_out: tuple[Tensor, Tensor] | None = None,
-    metrics_path: Path | None = None,
-    progress: bool = True,
-    start_step: int = 0,
-) -> ClassifierResult:
-    """Train the noise-aware classifier p_φ(y | x_t, t) for ``config.steps`` steps of AdamW
-    on noised labelled data, then measure its accuracy by t on ``held_out`` (in the data's
-    own coordinates; ``transform`` maps them to model space) or, without it, on the data."""
-    torch.manual_seed(seed)
-    classifier.to(device).train()
-    opt = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    params = [p for p in classifier.parameters() if p.requires_grad]
-    stream = BatchStream(data, config.batch_size, seed, device, transform, num_workers=config.num_workers)
-    history: list[dict[str, Any]] = []
-    metrics = open(metrics_path, "a", encoding="utf-8") if metrics_path is not None else None
-    loss_sum = torch.zeros((), device=device)
-    since = 0
-    start = time.perf_counter()
-    bar = tqdm(total=config.steps, desc="classifier", unit="step", disable=not progress, dynamic_ncols=True)
-    try:
-        for k in range(1, config.steps + 1):
-            x0, y = next(stream)
-            if (y < 0).any():
-                raise DiffkitError("classifier guidance needs every training example labelled; this data has unlabelled ones")
-            loss = classifier_loss(classifier, schedule, x0, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            loss_sum += loss.detach()
-            since += 1
-            if k % config.log_every == 0 or k == config.steps:
-                mean = (loss_sum / since).item()
-                if not torch.isfinite(torch.tensor(mean)):
-                    raise DiffkitError(
-                        f"the classifier's training loss became {mean} by step {start_step + k}; lower its lr"
-                        " (sampler.guidance.lr) or set train.grad_clip"
-                    )
-                row = {"step": start_step + k, "loss": mean, "elapsed_s": time.perf_counter() - start}
-                history.append(row)
-                if metrics is not None:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                bar.set_postfix(loss=f"{mean:.4f}")
-                loss_sum.zero_()
-                since = 0
-            bar.update(1)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    seconds = time.perf_counter() - start
-    opt.zero_grad(set_to_none=True)
-    classifier.eval()
-    if held_out is not None:
-        x_eval, y_eval, where = held_out[0], held_out[1], "held-out"
-    else:
-        tensors = data.tensors()
-        if tensors is None:
-            xs, ys = zip(*(data[i] for i in range(min(len(data), 2000))))
-            tensors = (torch.stack(xs), torch.stack(ys))
-        x_eval, y_eval, where = tensors[0][:5000], tensors[1][:5000], "training"
-    x_eval, y_eval = x_eval.to(device), y_eval.to(device)
-    if transform is not None:
-        x_eval = transform(x_eval)
-    accuracy = classifier_accuracy(classifier, schedule, x_eval, y_eval, seed=seed)
-    final = history[-1]["loss"] if history else float("nan")
-    return ClassifierResult(config.steps, seconds, final, accuracy, where, history)

@@ -39,6 +39,7 @@ PICTURES: dict[str, str] = {
     "guidance-tradeoff.png": BENCH_GUIDANCE,
     "guidance-digits-classifier.png": BENCH_GUIDANCE,
     "guidance-digits-cfg.png": BENCH_GUIDANCE,
+    "guidance-options.png": BENCH_GUIDANCE,
 }
 """Every picture in docs/images and what draws it."""
 

@@ -36,7 +36,7 @@ def spec(name: str, fast: bool) -> dict[str, Any]:
     body = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
     if fast:  # the same pipeline, shrunk: 50 noise levels, a narrow U-Net, a few steps
         body["schedule"]["timesteps"] = 50
-        body["sampler"]["base"]["steps"] = 10
+        body["sampler"]["steps"] = 10
         body["denoiser"].update(channels=8)
         body["train"].update(steps=10, batch_size=32, preview=0)
     return body
@@ -58,8 +58,8 @@ def main() -> None:
         clear_training_outputs(out / method)  # each run of the example starts afresh
         result = pipe.fit(out=out / method, progress=not args.fast)
         trained = f"denoiser: {result.steps} steps in {result.seconds:.0f} s"
-        if result.classifier is not None:
-            trained += f"; classifier: {result.classifier.steps} steps"
+        for name_, part in result.parts.items():  # the guidance's own networks (the classifier)
+            trained += f"; {name_}: {part.steps} steps"
         print(f"{method}: {trained}")
 
         default = pipe.guidance.scale  # γ for classifier guidance, w for classifier-free

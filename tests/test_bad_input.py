@@ -64,7 +64,7 @@ SPEC_FILES: dict[str, tuple[str, bytes, list[str]]] = {
     "nested type a list": (
         "spec.yaml",
         (GOOD + "sampler: {type: guided, base: {type: [ddim]}, guidance: {type: classifier-free}}\n").encode(),
-        ["sampler.base.type: must be a component's name, got a list"],
+        ["sampler.type: must be a component's name, got a list"],  # the 0.1 form: its base is the sampler
     ),
     "seed 1e30 json": (
         "spec.json",

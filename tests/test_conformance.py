@@ -37,7 +37,7 @@ REGISTRY = load_plugins(autoload=False, include=(), block=(), block_builtins=(),
 
 # Parameters a component needs beyond its defaults to be built at all.
 REQUIRED_PARAMS = {
-    ("sampler", "guided"): {"guidance": {"type": "classifier-free"}},
+    ("guidance", "autoguidance"): {"guide_step": 1},
     # Ancestral steps at the default 50 on T = 1000 shrink this Gaussian's variance from 0.5
     # to 0.415 (the discretisation's own bias: 50-step ddpm and ddim with η = 1 give the
     # same 0.415 bit for bit); 200 steps bring it within the kit's tolerance.
@@ -106,7 +106,7 @@ def test_objectives_with_min_snr_weighting_conform(name):
 
 @pytest.mark.parametrize("name", names("guidance"))
 def test_builtin_guidance_conforms(name):
-    check_guidance(name)
+    check_guidance(name, REQUIRED_PARAMS.get(("guidance", name)))
 
 
 @pytest.mark.parametrize("kind", ["data", "schedule", "denoiser", "objective", "sampler", "guidance"])

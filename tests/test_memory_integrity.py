@@ -162,11 +162,11 @@ def test_a_mean_without_its_std_is_refused(run, capsys, tmp_path):
         ('{"sample_shape": [2], "num_classes": "3"}', ["num_classes must be"]),
         ('{"sample_shape": [2], "data_kind": 7}', ["data_kind must be 'points' or 'images'"]),
         ('{"sample_shape": [2], "steps_trained": -1}', ["steps_trained must be"]),
-        ('{"sample_shape": [2], "classifier": "yes"}', ["classifier must be"]),
+        ('{"sample_shape": [2], "parts": "yes"}', ["parts must be"]),
         ('{"sample_shape": [2], "sha256": {"denoiser.safetensors": 5}}', ["sha256 must be"]),
         ('{"sample_shape": [2], "sha256": []}', ["sha256 must be"]),
     ],
-    ids=["empty", "array", "string", "string-shape", "string-dims", "zero-dim", "classes", "kind", "steps", "classifier", "sum", "sums"],
+    ids=["empty", "array", "string", "string-shape", "string-dims", "zero-dim", "classes", "kind", "steps", "parts", "sum", "sums"],
 )
 def test_malformed_meta_json_is_one_message_naming_the_field(run, capsys, tmp_path, text, needles):
     (run / META_FILE).write_text(text)
@@ -310,12 +310,11 @@ def test_forward_caps_image_rows():
 
 
 def test_the_classifier_of_classifier_guidance_is_checked_too(tmp_path, capsys):
-    from diffkit.pipeline import CLASSIFIER_FILE
-
+    CLASSIFIER_FILE = "classifier.safetensors"
     spec = {
         **TINY,
         "data": {"type": "gaussians", "components": 2, "n": 64},
-        "sampler": {"type": "guided", "guidance": {"type": "classifier", "train_steps": 2}},
+        "guidance": {"type": "classifier", "train_steps": 2},
     }
     pipe = Pipeline.from_spec(spec)
     pipe.fit(progress=False)

@@ -19,7 +19,7 @@ from diffkit import checkpoint
 from diffkit import diffusion as D
 from diffkit.cli import main
 from diffkit.errors import DiffkitError
-from diffkit.interfaces import BuildContext, LabelledPredict
+from diffkit.interfaces import BuildContext
 from diffkit.pipeline import Pipeline
 from diffkit.spec import load_spec
 
@@ -75,13 +75,12 @@ def test_every_sampler_defaults_to_auto_and_null_opts_out(name: str) -> None:
     assert diffkit.build("sampler", name, clip_denoised=2.5).clip_denoised == 2.5
 
 
-def test_a_guided_sampler_takes_its_base_samplers_bound() -> None:
+def test_a_guided_pipeline_takes_its_samplers_bound() -> None:
     ctx = BuildContext(sample_shape=(2,), num_classes=3)
-    reg = diffkit.get_registry()
-    guided = reg.build("sampler", {"type": "guided", "guidance": {"type": "classifier-free"}}, ctx)
-    assert guided.clip_denoised == "auto"
-    section = {"type": "guided", "base": {"type": "ddim", "clip_denoised": None}, "guidance": {"type": "classifier-free"}}
-    assert reg.build("sampler", section, ctx).clip_denoised is None
+    cfg = {"type": "classifier-free"}
+    assert Pipeline(denoiser={"type": "mlp", "num_classes": 3}, guidance=cfg, _context=ctx).x0_bound() is not None
+    free = Pipeline(sampler={"type": "ddim", "clip_denoised": None}, guidance=cfg, _context=ctx)
+    assert free.x0_bound() is None
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "inf", "nan", "big"])
@@ -120,17 +119,13 @@ def test_the_guided_prediction_is_bounded_after_guidance() -> None:
     """A guidance that throws x̂_0 far away is held in the bound: the core's ``finish`` runs
     on what the guidance returns, not only on the model's own prediction."""
     ctx = BuildContext(sample_shape=(2,), num_classes=3)
-    guided = diffkit.get_registry().build(
-        "sampler", {"type": "guided", "base": {"type": "ddim", "steps": 10}, "guidance": {"type": "classifier-free"}}, ctx
-    )
-    sch = diffkit.build("schedule", "linear")
-    given = lambda x_t, t, cond: torch.zeros_like(x_t)  # noqa: E731  (ε̂ = 0: x̂_0 = x_t/√ᾱ)
-    bound = D.X0Bound(sch, torch.tensor(-0.5), torch.tensor(0.5))
-    predict = LabelledPredict(given, torch.zeros(300, dtype=torch.long), 1000.0, bound)
-    x = guided(predict, sch, (300, 2), generator=torch.Generator().manual_seed(0))
-    assert x.abs().max() <= 0.5 + ROUNDING and bound.share > 0
-    free = guided(LabelledPredict(given, torch.zeros(300, dtype=torch.long), 1000.0), sch, (300, 2))
-    assert free.abs().max() > 5
+    denoiser = {"type": "mlp", "hidden": 16, "depth": 1, "num_classes": 3}
+    cfg = {"type": "classifier-free", "scale": 1000.0}  # an untrained network's ε(x, y) − ε(x, ∅), times 1000
+    held = Pipeline(denoiser=denoiser, sampler={"type": "ddim", "steps": 10, "clip_denoised": 0.5}, guidance=cfg, _context=ctx)
+    x = held.sample(300, seed=0, labels=0)
+    assert x.abs().max() <= 0.5 + ROUNDING and held.last_clipped > 0
+    free = Pipeline(denoiser=denoiser, sampler={"type": "ddim", "steps": 10, "clip_denoised": None}, guidance=cfg, _context=ctx)
+    assert free.sample(300, seed=0, labels=0).abs().max() > 5
 
 
 # -- what a run records ------------------------------------------------------------------------------
@@ -179,7 +174,7 @@ def test_images_are_bounded_to_minus_one_one_and_a_number_to_plus_minus_it() -> 
         {"type": "ddpm", "steps": 20},
         {"type": "ddim", "steps": 20},
         {"type": "dpm-solver", "steps": 10},
-        {"type": "guided", "base": {"type": "ddim", "steps": 20}, "guidance": {"type": "classifier-free"}},
+        {"type": "ddim", "steps": 20, "cfg": True},
     ],
     ids=["ddpm", "ddim", "dpm-solver", "cfg-ddim"],
 )
@@ -188,17 +183,17 @@ def test_images_by_default_are_the_samples_of_clip_denoised_one(sampler: dict) -
     # 0.1's clip_denoised: 1.0; CFG digits hitting the label) carry over exactly: with every
     # option at its default an image model draws, bit for bit, what clip_denoised: 1.0 draws.
     ctx = BuildContext(sample_shape=(1, 8, 8), data_kind="images", num_classes=3)
-    pipe = Pipeline(denoiser={"type": "unet", "channels": 8, "channel_mult": [1], "num_classes": 3}, _context=ctx)
-    labels = 1 if sampler["type"] == "guided" else None
-    one = {**sampler, "clip_denoised": 1.0} if sampler["type"] != "guided" else {
-        **sampler, "base": {**sampler["base"], "clip_denoised": 1.0}}
+    sampler = dict(sampler)
+    guidance = {"type": "classifier-free"} if sampler.pop("cfg", False) else None
+    pipe = Pipeline(denoiser={"type": "unet", "channels": 8, "channel_mult": [1], "num_classes": 3}, guidance=guidance, _context=ctx)
+    labels = 1 if guidance else None
+    one = {**sampler, "clip_denoised": 1.0}
     a = pipe.sample(8, seed=0, sampler=sampler, labels=labels)
     share = pipe.last_clipped
     b = pipe.sample(8, seed=0, sampler=one, labels=labels)
     assert share is not None and share > 0  # the untrained network's x̂_0 leaves [−1, 1]: the bound acts
     assert torch.equal(a, b)
-    free = {**sampler, "clip_denoised": None} if sampler["type"] != "guided" else {
-        **sampler, "base": {**sampler["base"], "clip_denoised": None}}
+    free = {**sampler, "clip_denoised": None}
     assert not torch.equal(a, pipe.sample(8, seed=0, sampler=free, labels=labels))
 
 

@@ -18,7 +18,7 @@ from diffkit.errors import DiffkitError
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     """RUN, --input, --out and the sampling options every application takes."""
-    from diffkit.cli import add_plugin_options
+    from diffkit.cli import add_guidance_options, add_plugin_options
 
     p.add_argument("run", help="run directory written by `diffkit train`")
     p.add_argument("--out", required=True, help="output file: .npy (data coordinates) or .png (picture)")
@@ -28,6 +28,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="process the inputs in chunks of this size to bound memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_guidance_options(p)
     add_plugin_options(p)
 
 
@@ -37,7 +38,7 @@ def run_application(
     """Check the common options, load the run, call ``apply(pipe, common_kwargs)`` and
     write what it returns to ``--out`` (with the inputs beside it in a picture)."""
     from diffkit import applications as A
-    from diffkit.cli import load_registry
+    from diffkit.cli import check_guidance_asked, guidance_options, load_registry
     from diffkit.pipeline import Pipeline
 
     out = Path(args.out)
@@ -47,7 +48,14 @@ def run_application(
         raise DiffkitError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise DiffkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    options = guidance_options(args)
     pipe = Pipeline.load(args.run, load_registry(args), device=args.device)
+    check_guidance_asked(pipe, options, False, how="labels, and this command takes none (a guidance without labels,"
+                         " such as autoguidance, guides here)")
+    if hasattr(pipe.guidance, "with_options"):  # the run's guidance, with the options asked for, guides every step
+        pipe.guidance = pipe.guidance.with_options(
+            scale=options["scale"], interval=options["interval"], rescale=options["rescale_phi"]
+        )
     common = {
         "sampler": args.sampler,
         "steps": args.steps,

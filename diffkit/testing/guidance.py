@@ -16,7 +16,7 @@ from diffkit.oracles import GaussianMixture
 from diffkit.registry import Registry
 from diffkit.testing._common import ConformanceError, Subject, max_abs, reference_schedule, resolve, restored_attribute
 
-__all__ = ["check_guidance", "MIXTURE", "LABEL"]
+__all__ = ["check_guidance", "MIXTURE", "LABEL", "exact_logits"]
 
 F64 = torch.float64
 K = 3
@@ -27,17 +27,27 @@ MIXTURE = GaussianMixture(1.5 * torch.stack([_ANGLES.cos(), _ANGLES.sin()], 1), 
 LABEL = 1
 
 
+def exact_logits(process: Any, x_t: Tensor, t: Tensor) -> Tensor:
+    """log p(y | x_t) of :data:`MIXTURE` under any process x_t = α x_0 + σ ε, as logits
+    ``[batch, K]``, differentiable in x_t: the classifier a noise-aware classifier is
+    trained to become. Given k, x_t ~ N(α μ_k, (α² s² + σ²) I)."""
+    a, s = process.coefficients(t, x_t[:, :1])
+    a, s = a.reshape(-1, 1).double(), s.reshape(-1, 1).double()
+    var = a * a * MIXTURE.stds.square().to(x_t.device)[None] + s * s  # [B, K]
+    resid = x_t.double()[:, None, :] - a[:, :, None] * MIXTURE.means.to(x_t.device)[None]
+    log_joint = MIXTURE.weights.log().to(x_t.device) - (MIXTURE.dim / 2) * var.log() - 0.5 * resid.square().sum(-1) / var
+    return torch.log_softmax(log_joint, dim=1).to(x_t.dtype)
+
+
 class ExactClassifier(nn.Module):
-    """log p(y | x_t) of :data:`MIXTURE` as logits ``[batch, K]``, differentiable in x_t:
-    the classifier a noise-aware classifier is trained to become."""
+    """:func:`exact_logits` for a discrete table, called as a 0.1 classifier is: ``(x_t, t)``."""
 
     def __init__(self, schedule: Schedule) -> None:
         super().__init__()
-        self.abar = torch.cat([torch.ones(1, dtype=F64), schedule.alphas_cumprod])
+        self.schedule = schedule
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        abar = self.abar[t.long().cpu() + 1].to(x_t.device)
-        return MIXTURE.class_posterior(x_t.double(), abar).log().to(x_t.dtype)
+        return exact_logits(self.schedule, x_t, t)
 
 
 def _models(schedule: Schedule) -> tuple[CondPredict, CondPredict]:
@@ -73,13 +83,14 @@ def check_guidance(
     ``guidance`` is a built guidance or a registered name (built with ``params`` for
     2-D points with 3 classes; its Params model is checked too). The model it steers is
     exact: the denoiser of a mixture of 3 Gaussians (conditional when the guidance
-    sets ``requires_conditional_denoiser``, else unconditional), and a ``classifier``
-    attribute, where the guidance has one, is replaced for the check by the mixture's
-    exact p(y | x_t). Samples are drawn by ``sampler`` (a registered name, default
+    sets ``requires_conditional_denoiser``, else unconditional), and the classifier of a
+    guidance that has one (a ``logits(process, x_t, t)`` method, or a 0.1 ``classifier``
+    attribute) is replaced for the check by the mixture's exact p(y | x_t). Samples are drawn by ``sampler`` (a registered name, default
     ``ddim``, or a sampler object). The properties, all under ``torch.inference_mode()``:
 
     - at scale 0 the wrapped prediction is ``predict(x_t, t, cond)`` exactly, and the
-      samples are the unguided ones bit for bit;
+      samples are the unguided ones bit for bit (all that is checked of a guidance that
+      sets ``needs_labels = False``, such as autoguidance, whose direction needs a trained model);
     - rows whose label is −1 are left unguided at every scale;
     - the mean p(y | x_0) of the samples asked for label y rises with every scale in
       ``scales`` and by at least 0.05 in all: guidance moves samples toward the label.
@@ -93,10 +104,14 @@ def check_guidance(
     model = conditional if getattr(g, "requires_conditional_denoiser", False) else unconditional
     run = _sampler(sampler, registry, schedule)
     with ExitStack() as stack:
-        if isinstance(getattr(g, "classifier", None), nn.Module):
+        if callable(getattr(g, "logits", None)):
+            stack.enter_context(restored_attribute(g, "logits", exact_logits))
+        elif isinstance(getattr(g, "classifier", None), nn.Module):
             stack.enter_context(restored_attribute(g, "classifier", ExactClassifier(schedule)))
         stack.enter_context(torch.inference_mode())
         _check_scale_zero(subject, model, schedule, run, seed)
+        if not getattr(g, "needs_labels", True):  # steers without labels: only scale 0 is checked here
+            return
         _check_unlabelled_rows(subject, model, schedule, scales, seed)
         _check_moves_toward_label(subject, model, schedule, run, scales, n, seed)
 
