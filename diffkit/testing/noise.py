@@ -15,7 +15,7 @@ torch's global generator, or mixes samples of a batch does not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,19 +34,20 @@ def _draw(sampler: Any, process: Any, denoise: Any, seed: int, first: int, count
 
 def check_sampler_noise(
     sampler_or_name: Any,
-    processes: Sequence[str] = ("vp", "edm"),
+    processes: Sequence[str] | Mapping[str, Any] = ("vp", "edm"),
     *,
     steps: int = 6,
     n: int = 10,
     atol: float = 1e-9,
 ) -> None:
     """Check that ``sampler_or_name`` (a registered name, a spec dict or a step sampler)
-    draws per-sample noise on each of ``processes``; raises :class:`ConformanceError`
-    naming what differed."""
+    draws per-sample noise on each of ``processes`` (registered names, or a name → process
+    mapping); raises :class:`ConformanceError` naming what differed."""
     from diffkit.testing.certify import GAUSSIAN, _build_sampler, default_processes
 
     sampler, name = _build_sampler(sampler_or_name)
-    for pname, process in default_processes(list(processes)).items():
+    procs = dict(processes) if isinstance(processes, Mapping) else default_processes(list(processes))
+    for pname, process in procs.items():
         denoise = GAUSSIAN.denoiser(process)
         where = f"sampler {name} on process {pname}"
         state = torch.get_rng_state()

@@ -84,7 +84,7 @@ def check_sampler(
         p = getattr(subject.obj, "params", None)
         rtol, atol = getattr(p, "rtol", None), getattr(p, "atol", None)
         tol = 1e-9 if rtol is None else 300 * (float(rtol) + float(atol or 0.0))
-        check_sampler_noise(subject.obj, atol=tol)
+        check_sampler_noise(subject.obj, {"the reference schedule": run.schedule}, atol=tol)
 
 
 class _Runner:
