@@ -63,6 +63,7 @@ def make_hand_heun(pipe: Pipeline, net: nn.Module, steps: int = 18) -> Any:
     sigmas = sig.tolist() + [0.0]
     shape = pipe.context.sample_shape
     mean, std = pipe.data_mean, pipe.data_std
+    prior_std = proc.prior_std()
 
     def D(x: Tensor, s: float) -> Tensor:
         c_skip = sd * sd / (s * s + sd * sd)
@@ -74,7 +75,7 @@ def make_hand_heun(pipe: Pipeline, net: nn.Module, steps: int = 18) -> Any:
     def sample(n: int, seed: int) -> Tensor:
         g = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
-            x = torch.randn((n, *shape), generator=g) * sigmas[0]
+            x = torch.randn((n, *shape), generator=g) * prior_std
             for k in range(steps):
                 s, s_next = sigmas[k], sigmas[k + 1]
                 d = (x - D(x, s)) / s
