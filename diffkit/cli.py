@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the network through torch.compile (compiled once, cached on disk; falls back to uncompiled with a"
+        default=None,
+        help="run the network through torch.compile (sample.compile) (compiled once, cached on disk; falls back to uncompiled with a"
         " notice where compiling fails)",
     )
     p.add_argument("--trajectory", metavar="FILE.png", help="also draw the reverse process, noise to data, for a few samples")

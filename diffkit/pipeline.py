@@ -53,6 +53,7 @@ from diffkit.spec import (
     OPTIONAL_SECTIONS,
     SECTIONS,
     Spec,
+    SampleConfig,
     TrainConfig,
     check_seed,
     dump_spec,
@@ -142,6 +143,7 @@ class Pipeline:
         data: Config | Dataset | None = None,
         shape: tuple[int, ...] | None = None,
         train: Mapping[str, Any] | TrainConfig | None = None,
+        sample: Mapping[str, Any] | SampleConfig | None = None,
         seed: int = 0,
         requires: Sequence[str] = (),
         registry: Registry | None = None,
@@ -152,6 +154,7 @@ class Pipeline:
         self.registry = registry or get_registry()
         self.seed = check_seed(seed)
         self.train_config = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(train or {})
+        self.sample_config = sample if isinstance(sample, SampleConfig) else SampleConfig.model_validate(sample or {})
         self._dataset: Dataset | None = None
         self._data_config: dict[str, Any] | None = None
         self._run_dir: Path | None = None  # set by load(): reading a run builds no data unless asked
@@ -200,6 +203,7 @@ class Pipeline:
             **{section: getattr(spec, section) for section in SECTIONS if section != "data"},
             data=spec.data,
             train=spec.train,
+            sample=spec.sample,
             seed=spec.seed,
             requires=spec.requires,
             registry=registry,
@@ -402,6 +406,8 @@ class Pipeline:
     def spec(self) -> Spec:
         """The spec of this pipeline; ``Pipeline.from_spec(pipe.spec)`` builds an equivalent one."""
         body: dict[str, Any] = {"seed": self.seed, "train": self.train_config.model_dump(mode="json")}
+        if self.sample_config != SampleConfig():
+            body["sample"] = self.sample_config.model_dump(mode="json")
         if self.requires:
             body["requires"] = list(self.requires)
         if self._data_config is None:
@@ -866,7 +872,7 @@ class Pipeline:
         progress: bool = False,
         callback: StepCallback | None = None,
         noise: NoiseMode = "per-sample",
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> Tensor:
         """Draw ``n`` samples in the data's own coordinates (standardisation undone).
 
@@ -879,9 +885,9 @@ class Pipeline:
         is per sample, :mod:`diffkit.noise`; only the network's float rounding may differ).
         ``noise="batch"`` draws as 0.1 did, from one generator across the batch (the samples
         then depend on ``n`` and ``batch_size``); samplers written as whole loops (plugin
-        API 1) always do. ``compile=True`` runs the network through ``torch.compile``
-        (:mod:`diffkit.compiled`: compiled once per pipeline, cached on disk, uncompiled with a
-        one-line notice where compiling fails).
+        API 1) always do. ``compile=True`` (default: the spec's ``sample.compile``) runs the
+        network through ``torch.compile`` (:mod:`diffkit.compiled`: compiled once per pipeline,
+        cached on disk, uncompiled with a one-line notice where compiling fails).
         ``callback(t, x_t)`` sees every state of every chunk, in model space.
 
         ``labels`` (one class for all, or one per sample; −1 is "no label") asks for
@@ -932,7 +938,7 @@ class Pipeline:
         progress: bool = False,
         callback: StepCallback | None = None,
         noise: NoiseMode = "per-sample",
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> Iterator[Tensor]:
         """:meth:`sample`'s ``n`` samples, chunk by chunk of ``batch_size`` as they are
         drawn (on the CPU, in data coordinates), so that only one chunk is held at a time.
@@ -957,6 +963,7 @@ class Pipeline:
         seed = check_seed(seed) if seed is not None else fresh_seed()
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+        compile = self.sample_config.compile if compile is None else compile
         net = self.compiled_network() if compile else None
         given = self.conditional_predictor(net)
         bound = self._bound = self.x0_bound(chosen)
@@ -1508,9 +1515,23 @@ def _spec_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, An
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out = []
         for key in [*old, *(k for k in new if k not in old)]:
-            out += _spec_changes(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old and _is_default(where, new[key]):
+                continue  # a setting added since the checkpoint was written, at its default: no change
+            out += _spec_changes(old.get(key), new.get(key), where)
         return out
     return [] if old == new else [(path, old, new)]
+
+
+def _is_default(path: str, value: Any) -> bool:
+    """Whether ``value`` is the default of the ``train`` or ``sample`` setting at ``path``."""
+    defaults = {"train": TrainConfig().model_dump(mode="json"), "sample": SampleConfig().model_dump(mode="json")}
+    node: Any = defaults
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return node == value
 
 
 def _check_resumable(

@@ -68,6 +68,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 __all__ = [
     "Spec",
     "TrainConfig",
+    "SampleConfig",
     "ComponentSection",
     "nested_sections",
     "iter_sections",
@@ -215,6 +216,18 @@ def _installed(requirement: str) -> str:
     return requirement
 
 
+class SampleConfig(BaseModel):
+    """Options of sampling from the model (``sample:``), beside the sampler's own parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    compile: bool = Field(
+        False,
+        description="Run the network through torch.compile when sampling (compiled kernels cached on disk; where"
+        " compiling fails, one line says why and sampling runs uncompiled); --compile on the command line.",
+    )
+
+
 class Spec(BaseModel):
     """Base of the spec model; the component sections are added from the registry."""
 
@@ -227,6 +240,7 @@ class Spec(BaseModel):
     )
     seed: Seed = Field(0, description="Seed of every random draw in training.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Sampling settings.")
 
 
 # -- nested component sections -------------------------------------------------------------

@@ -313,3 +313,24 @@ def test_training_with_compile_that_fails_trains_the_same_weights_uncompiled(mon
     assert "compiling the network failed (RuntimeError: no C++ compiler here); training without it" in capsys.readouterr().err
     for (name, a), b in zip(plain.denoiser.state_dict().items(), compiled.denoiser.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_spec_s_sample_compile_is_the_default_of_compile_and_round_trips(moons, monkeypatch, capsys) -> None:
+    pipe = diffkit.Pipeline.from_spec({**moons.spec.model_dump(mode="json"), "sample": {"compile": True}})
+    assert pipe.spec.sample.compile is True
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("none here")))
+    pipe.sample(2, seed=0)
+    assert "compiling the network failed" in capsys.readouterr().err
+    pipe.sample(2, seed=0, compile=False)
+    with pytest.raises(diffkit.SpecError, match="sample.compile"):
+        diffkit.Pipeline.from_spec({**moons.spec.model_dump(mode="json"), "sample": {"compile": "yes please"}})
+
+
+def test_a_checkpoint_written_before_the_compile_settings_resumes_without_a_spec_change() -> None:
+    from diffkit.pipeline import _spec_changes
+
+    new = {"train": {"steps": 10, "compile": False}, "sample": {"compile": False}}
+    assert _spec_changes({"train": {"steps": 10}}, new) == []
+    assert _spec_changes({"train": {"steps": 10}}, {**new, "sample": {"compile": True}}) == [
+        ("sample", None, {"compile": True})
+    ]
