@@ -1516,8 +1516,8 @@ def _spec_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, An
         out = []
         for key in [*old, *(k for k in new if k not in old)]:
             where = f"{path}.{key}" if path else str(key)
-            if key not in old and _is_default(where, new[key]):
-                continue  # a setting added since the checkpoint was written, at its default: no change
+            if key not in old and _is_default(where, new[key]) or key not in new and _is_default(where, old[key]):
+                continue  # a setting one side does not know yet, at its default: no change
             out += _spec_changes(old.get(key), new.get(key), where)
         return out
     return [] if old == new else [(path, old, new)]
