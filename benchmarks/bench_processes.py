@@ -148,6 +148,45 @@ def table(args: argparse.Namespace, data: Data) -> None:
     report(args)
 
 
+def table_chunk(args: argparse.Namespace) -> None:
+    """One part of a row's sample sets (``--chunk I/M``): n/M samples of seed k drawn with seed
+    100·k + I, saved as .npy, so that a long row can run as M processes; ``--only merge``
+    joins the parts and scores them as one set of n."""
+    import numpy as np
+
+    i, m = (int(v) for v in args.chunk.split("/"))
+    for key in args.rows:
+        spec, sampler, _ = ROWS[key]
+        pipe = trained(Path(spec).stem, args.quick)
+        calls = [0]
+        hook = pipe.denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for k in range(args.seeds):
+            start = time.perf_counter()
+            x = pipe.sample(args.n // m, seed=100 * k + i, sampler=sampler, batch_size=args.n // m)
+            np.save(RUNS / f"part-{key}-{k}-{i}of{m}.npy", x.numpy())
+            print(f"{key} seed {k} part {i}/{m}: {calls[0]} evaluations, {time.perf_counter() - start:.0f} s", flush=True)
+            calls[0] = 0
+        hook.remove()
+
+
+def merge(args: argparse.Namespace, data: Data) -> None:
+    import numpy as np
+
+    m = int(args.chunk.split("/")[1])
+    for key in args.rows:
+        spec, sampler, label = ROWS[key]
+        parts = [[RUNS / f"part-{key}-{k}-{i}of{m}.npy" for i in range(m)] for k in data.seeds]
+        if not all(p.is_file() for ps in parts for p in ps):
+            print(f"{key}: parts missing")
+            continue
+        d = [sliced_wasserstein(torch.from_numpy(np.concatenate([np.load(p) for p in ps])), data.fresh[k]) for k, ps in zip(data.seeds, parts)]
+        pipe = trained(Path(spec).stem, args.quick)
+        r = {"sw": d, "floor": data.floor, "nfe": None, "seconds": None, "row": key, "spec": spec, "sampler": sampler,
+             "label": label, "n": data.n, "process": repr(pipe.schedule), "parts": m}
+        save(f"table-{key}", r, args.quick)
+    report(args)
+
+
 def report(args: argparse.Namespace) -> None:
     """The table so far, with ratios to the floor and to DDPM-1000 paired by seed, and the goals."""
     ref = load("table-ddpm", args.quick)
@@ -164,7 +203,7 @@ def report(args: argparse.Namespace) -> None:
             value = statistics.mean(xf if against == "floor" else xd) if (against == "floor" or xd) else float("nan")
             goal = f"≤ {bound}× {'floor' if against == 'floor' else 'DDPM-1000'} {'✔' if value <= bound else '✘'}"
         print(
-            f"| `{r['spec']}` | {r['label']} | {r['nfe']} | {statistics.mean(r['sw']):.4f} ± {_se(r['sw']):.4f}"
+            f"| `{r['spec']}` | {r['label']} | {r['nfe'] if r['nfe'] is not None else ''} | {statistics.mean(r['sw']):.4f} ± {_se(r['sw']):.4f}"
             f" | {statistics.mean(xf):.2f} ± {_se(xf):.2f} | "
             + (f"{statistics.mean(xd):.2f} ± {_se(xd):.2f}" if xd else "")
             + f" | {goal} |"
@@ -175,15 +214,20 @@ def report(args: argparse.Namespace) -> None:
 
 
 def sweep(args: argparse.Namespace, data: Data) -> None:
+    if "reference" in args.samplers:  # DDPM-1000 of the ε-network at the sweep's n, for the plot
+        r = measure(trained("moons", args.quick), None, data)
+        r["n"] = data.n
+        save("sweep-reference", r, args.quick)
+        print(f"sweep reference: moons.yaml, ddpm 1000: SW2 {statistics.mean(r['sw']):.4f} (floor {statistics.mean(r['floor']):.4f})", flush=True)
     pipe = trained("moons-edm", args.quick)
-    for name in args.samplers:
+    for name in [s for s in args.samplers if s != "reference"]:
         points = load(f"sweep-{name}", args.quick) or {"sampler": name, "points": []}
         done = {json.dumps(p["config"], sort_keys=True) for p in points["points"]}
         for config in SWEEP[name]:
             if json.dumps(config, sort_keys=True) in done:
                 continue
             r = measure(pipe, config, data)
-            r["config"] = config
+            r["config"], r["n"] = config, data.n
             points["points"].append(r)
             save(f"sweep-{name}", points, args.quick)
             print(f"sweep {json.dumps(config):55s} {r['nfe']:5d} evaluations  SW2 {statistics.mean(r['sw']):.4f}  ({r['seconds']:.0f} s)", flush=True)
@@ -191,7 +235,7 @@ def sweep(args: argparse.Namespace, data: Data) -> None:
 
 def oracle(args: argparse.Namespace) -> None:
     """The samplers alone: the exact denoiser of a mixture along the moons (200 Gaussians of
-    std 0.05, benchmarks/bench_steps.py's), in the data's own coordinates, sampled at several
+    std 0.05, benchmarks/bench_steps.py's), centred and scaled to unit variance, sampled at several
     step counts and scored against exact draws of the mixture (seed 1000 + k); the yardstick
     is other exact draws (seed 3000 + k), what a perfect sampler returns."""
     from bench_steps import MOONS_STD, mixture_draws, moons_means
@@ -199,10 +243,18 @@ def oracle(args: argparse.Namespace) -> None:
     from diffkit.oracles import GaussianMixture
     from diffkit.sampling import run
 
-    mixture = GaussianMixture(moons_means(), MOONS_STD)
+    # centred and scaled to unit variance (one scale for both axes, the components staying
+    # isotropic), as the pipeline standardises points: the processes' priors are centred
+    means = moons_means()
+    shift, scale = means.mean(0), float((means.var(0).sum() / 2 + MOONS_STD**2) ** 0.5)
+    mixture = GaussianMixture((means - shift) / scale, MOONS_STD / scale)
+
+    def draws(m: int, seed: int) -> torch.Tensor:
+        return (mixture_draws(m, seed) - shift.float()) / scale
+
     n, seeds = args.n, range(args.seeds)
-    fresh = {k: mixture_draws(n, 1000 + k) for k in seeds}
-    exact = [sliced_wasserstein(mixture_draws(n, 3000 + k), fresh[k]) for k in seeds]
+    fresh = {k: draws(n, 1000 + k) for k in seeds}
+    exact = [sliced_wasserstein(draws(n, 3000 + k), fresh[k]) for k in seeds]
     diameter = float(torch.cdist(fresh[0][:2048].double(), fresh[0][:2048].double()).max())
     print(f"oracle: exact mixture draws against exact draws: SW2 {statistics.mean(exact):.4f}; diameter {diameter:.2f}", flush=True)
     registry = diffkit.get_registry()
@@ -241,7 +293,7 @@ def plot(args: argparse.Namespace) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref, edm = load("table-ddpm", args.quick), load("table-edm", args.quick)
+    ref = load("sweep-reference", args.quick)
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     markers = "osD^v<>ph*"
     drawn = False
@@ -260,7 +312,7 @@ def plot(args: argparse.Namespace) -> Path | None:
     floor = statistics.mean(first["points"][0]["floor"])
     if ref:
         level = statistics.mean(ref["sw"][:seeds])
-        ax.axhline(level, color="black", ls="--", lw=1, label="DDPM-1000, ε-network (moons.yaml)")
+        ax.axhline(level, color="black", ls="--", lw=1, label="DDPM-1000 of the ε-network (moons.yaml)")
         ax.axhline(1.25 * level, color="grey", ls="--", lw=0.8, label="1.25 × DDPM-1000")
     ax.axhline(floor, color="grey", ls=":", lw=1.2, label="noise floor (two data draws)")
     ax.set_xscale("log")
@@ -281,11 +333,12 @@ def plot(args: argparse.Namespace) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["table", "sweep", "oracle", "plot", "report"], help="one section (default: all)")
+    parser.add_argument("--only", choices=["table", "sweep", "oracle", "plot", "report", "merge"], help="one section (default: all)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"table rows, comma-separated (default: all of {','.join(ROWS)})")
-    parser.add_argument("--samplers", default=",".join(SWEEP), help="samplers of the sweep (default: all)")
+    parser.add_argument("--samplers", default=",".join(["reference", *SWEEP]), help="samplers of the sweep, and 'reference' for DDPM-1000 on moons.yaml at the same n (default: all)")
     parser.add_argument("--n", type=int, default=20_000, help="samples per seed (default 20000)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds (default 4)")
+    parser.add_argument("--chunk", help="I/M: draw part I of M of each table row's sample sets (with --only table), or join M parts (--only merge)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 100 training steps, 500 samples, one seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
@@ -294,12 +347,16 @@ def main() -> None:
         args.n, args.seeds = 500, 1
     args.rows = [r for r in args.rows.split(",") if r]
     args.samplers = [s for s in args.samplers.split(",") if s]
-    for bad in [r for r in args.rows if r not in ROWS] + [s for s in args.samplers if s not in SWEEP]:
+    for bad in [r for r in args.rows if r not in ROWS] + [s for s in args.samplers if s not in SWEEP and s != "reference"]:
         sys.exit(f"unknown row or sampler {bad!r}; rows: {', '.join(ROWS)}; samplers: {', '.join(SWEEP)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.n} samples × {args.seeds} seeds", flush=True)
     if args.only == "report":
         return report(args)
-    data = Data(args.n, args.seeds) if args.only != "plot" else None
+    data = Data(args.n, args.seeds) if args.only != "plot" and not (args.only == "table" and args.chunk) else None
+    if args.only == "table" and args.chunk:
+        return table_chunk(args)
+    if args.only == "merge":
+        return merge(args, data)
     if args.only in (None, "table"):
         table(args, data)
     if args.only in (None, "sweep"):
