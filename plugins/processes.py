@@ -222,7 +222,13 @@ class EDM(Process):
         return log_normal_sigma(batch, self.p_mean, self.p_std, generator=generator, device=device)
 
     def prior_std(self) -> float:
-        return self.t_max  # x ~ N(0, σ_max² I) (Karras et al. 2022, Alg. 1, line 1)
+        """√(σ_max² + σ_data²): the standard deviation of p(x; σ_max) for data of variance
+        σ_data² (the c_in of Karras et al. 2022, Table 1), which Alg. 1, line 1 rounds to σ_max
+        as σ_max = 80 ≫ σ_data. Where σ_max is the data's diameter (point data) the rounding
+        would start the flow on too narrow a prior and bias every sampler the same way, however
+        many steps it takes: with the exact denoiser of a mixture along two moons, Heun at 18
+        steps lands 1.37× exact draws' distance with σ_max, 1.18× with this."""
+        return math.sqrt(self.t_max**2 + self.sigma_data**2)
 
     def grid(self, steps, spacing=None, *, rho=None, start=None):  # type: ignore[override]
         return super().grid(steps, spacing, rho=self.rho if rho is None else rho, start=start)

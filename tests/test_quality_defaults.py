@@ -2,8 +2,9 @@
 
 `edm`'s ``sigma_max: null``: the data's diameter for point data (Song & Ermon 2020,
 Technique 1, as `ve` takes it), Karras et al.'s 80 for images and where the data is not
-known. On standardised 2-D data Heun's 18 steps from σ = 80 leave the covariance of exact
-Gaussian data 11 % too large; from the diameter a third of that.
+known; and sampling starts from N(0, (σ_max² + σ_data²) I), the variance of p(x; σ_max). On
+standardised 2-D data Heun's 18 steps from σ = 80 leave the covariance of exact Gaussian data
+11 % too large; from the diameter a third of that.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def test_edm_sigma_max_null_is_the_diameter_of_point_data_and_80_otherwise():
     assert _edm(BuildContext(data_kind="images", data_diameter=14.0)).t_max == 80.0
     assert _edm(BuildContext()).t_max == 80.0  # no data known: Karras et al.'s value
     assert _edm(BuildContext(data_kind="points", data_diameter=3.9), sigma_max=12.0).t_max == 12.0
+    # the prior is p(x; σ_max) of data with variance σ_data² (c_in's variance), not N(0, σ_max²)
+    p = _edm(BuildContext(data_kind="points", data_diameter=3.9))
+    assert p.prior_std() == pytest.approx((3.9**2 + 1.0) ** 0.5, rel=1e-15)
     # never below twice σ_min, as ve's
     assert _edm(BuildContext(data_kind="points", data_diameter=1e-3), sigma_min=0.002).t_max == 0.004
 
