@@ -1,37 +1,371 @@
 #!/usr/bin/env python3
 """Two moons across processes: each moons example spec trained as written (3,000 steps),
-sampled with its own sampler and others, sliced Wasserstein-2 to independent moons draws.
+sampled at its own defaults, 20,000 samples per seed, sliced Wasserstein-2 to fresh data,
+paired by seed as benchmarks/bench_steps.py measures.
 
-    python benchmarks/bench_processes.py        # about 5 minutes on 2 CPU cores
+    python benchmarks/bench_processes.py                     # the goal table and the sweep, then the plot
+    python benchmarks/bench_processes.py --only table --rows edm,rf
+    python benchmarks/bench_processes.py --only sweep --samplers heun,ode
+    python benchmarks/bench_processes.py --only plot         # the plot from the results saved so far
 
-Prints SW2 and its ratio to the noise floor (independent draws against the same
-reference); divide two rows for the ratio to 1000-step DDPM of the ε-model, which is the
-first row. 5,000 samples × 2 seeds: a quick measure, not bench_steps.py's 20,000 paired.
+1. **The goal table.** Rows (``--rows``): ``ddpm`` examples/moons.yaml (ε, linear table,
+   ``ddpm`` 1000 steps), the yardstick; ``edm`` examples/moons-edm.yaml (``heun`` 18 steps,
+   35 evaluations); ``rf`` examples/moons-rectified-flow.yaml (``euler`` 50); ``ncsn``
+   examples/moons-ncsn.yaml (``ve`` + ``score`` + ``sgld``); ``ncsn-pc`` the same network
+   with ``pc`` at its defaults; ``vp-pc`` examples/moons-vp-pc.yaml (``vp`` + ``score`` +
+   ``pc``). Every option at its default. Sample seed k is scored against the fresh moons
+   draw of seed 1000 + k; the noise floor of seed k is the draw of seed 2000 + k against the
+   same one. Ratios are paired by seed (each is a mean over seeds of per-seed ratios).
+   Goals: ``edm`` and ``rf`` within 1.25× of ``ddpm``; ``ncsn``, ``ncsn-pc`` and ``vp-pc``
+   within 1.5× the noise floor.
+2. **The sweep** (``--samplers``): every sampler on the EDM-trained network at several step
+   counts (``ode`` at several tolerances), distance against network evaluations, counted
+   by a hook on the network.
+3. **The oracle** (``--only oracle``): the samplers with no network, on the exact denoiser of a
+   mixture along the moons, against exact draws of it: how many steps ``heun`` on ``edm``
+   and ``euler`` on ``rectified-flow`` need for a given distance.
+4. **The plot**: docs/images/moons-processes.png from what 1 and 2 saved.
+
+Runs are trained into runs/bench-processes/ on first use and reused; each row's result
+is saved as JSON there, so rows can run as separate processes and the plot be drawn
+from them. One torch thread per process.
 """
+
+from __future__ import annotations
+
+import argparse
 import json
+import math
+import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
-import numpy as np
-from sklearn.datasets import make_moons
-from diffkit import Pipeline
-N = 5000
-def sw(a, b, n=256):
-    g = torch.Generator().manual_seed(0); th = torch.randn(n, 2, generator=g); th /= th.norm(dim=1, keepdim=True)
-    pa = (a @ th.T).sort(0).values; pb = (b @ th.T).sort(0).values
-    return float(((pa - pb) ** 2).mean().sqrt())
-ref = torch.tensor(make_moons(N, noise=0.05, random_state=101)[0], dtype=torch.float32)
-floor = np.mean([sw(torch.tensor(make_moons(N, noise=0.05, random_state=200 + i)[0], dtype=torch.float32), ref) for i in range(3)])
-print(f"floor {floor:.4f}", flush=True)
-rows = []
-for spec, samplers in [("examples/moons.yaml", [None, {"type": "ddim", "steps": 20}]),
-                       ("examples/moons-edm.yaml", [None, {"type": "euler", "steps": 35}, {"type": "dpm-solver", "steps": 20}]),
-                       ("examples/moons-rectified-flow.yaml", [None, {"type": "heun", "steps": 18}]),
-                       ("examples/moons-ncsn.yaml", [None, {"type": "pc", "steps": 200}])]:
-    p = Pipeline.from_spec(spec)
-    t = time.time(); p.fit(progress=False); tt = time.time() - t
-    for s in samplers:
-        xs = [p.sample(N, seed=k, sampler=s) for k in range(2)]
-        d = np.mean([sw(x, ref) for x in xs])
-        name = p.sampler.name if s is None and hasattr(p.sampler, "name") else (s or {}).get("type", type(p.sampler).__name__)
-        print(f"{spec:38s} {json.dumps(s):45s} sw {d:.4f} ratio {d/floor:.2f} (train {tt:.0f}s)", flush=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import diffkit  # noqa: E402
+from diffkit.metrics import sliced_wasserstein  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "bench-processes"
+IMAGES = ROOT / "docs" / "images"
+
+ROWS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
+    "ddpm": ("moons.yaml", None, "ε, linear table, ddpm 1000"),
+    "edm": ("moons-edm.yaml", None, "edm + edm + heun 18"),
+    "rf": ("moons-rectified-flow.yaml", None, "rectified-flow + flow + euler 50"),
+    "ncsn": ("moons-ncsn.yaml", None, "ve + score + sgld (100 levels × 10)"),
+    "ncsn-pc": ("moons-ncsn.yaml", {"type": "pc"}, "ve + score + pc"),
+    "vp-pc": ("moons-vp-pc.yaml", None, "vp + score + pc"),
+}
+GOALS = {"edm": ("ddpm", 1.25), "rf": ("ddpm", 1.25), "ncsn": ("floor", 1.5), "ncsn-pc": ("floor", 1.5), "vp-pc": ("floor", 1.5)}
+
+# (sampler section, label) on the EDM network: steps for the step samplers, tolerances for ode
+SWEEP: dict[str, list[dict[str, Any]]] = {
+    "ddpm": [{"type": "ddpm", "steps": s} for s in (10, 25, 100)],
+    "ddim": [{"type": "ddim", "steps": s} for s in (10, 25)],
+    "dpm-solver": [{"type": "dpm-solver", "steps": s} for s in (5, 10, 20)],
+    "euler": [{"type": "euler", "steps": s} for s in (10, 25, 50)],
+    "heun": [{"type": "heun", "steps": s} for s in (5, 10, 18, 35)],
+    "euler-ancestral": [{"type": "euler-ancestral", "steps": s} for s in (10, 25)],
+    "sde": [{"type": "sde", "steps": s} for s in (25, 100)],
+    "pc": [{"type": "pc", "steps": s} for s in (10, 50)],
+    "ode": [{"type": "ode", "rtol": tol, "atol": tol} for tol in (1e-2, 1e-3)],
+}
+
+
+def trained(stem: str, quick: bool) -> diffkit.Pipeline:
+    out = RUNS / (("quick-" if quick else "") + stem)
+    if (out / "spec.yaml").is_file():
+        return diffkit.Pipeline.load(out)
+    pipe = diffkit.Pipeline.from_spec(ROOT / "examples" / f"{stem}.yaml")
+    start = time.perf_counter()
+    pipe.fit(progress=False, **({"steps": 100} if quick else {}))
+    pipe.save(out)
+    print(f"trained {stem}.yaml for {pipe.steps_trained} steps in {time.perf_counter() - start:.0f} s -> {out}", flush=True)
+    return pipe
+
+
+class Data:
+    """Fresh moons draws (seed 1000 + k) and the noise floor of each seed (seed 2000 + k against it)."""
+
+    def __init__(self, n: int, seeds: int) -> None:
+        registry = diffkit.get_registry()
+        self.n, self.seeds = n, list(range(seeds))
+        self.fresh = {k: registry.build("data", {"type": "moons", "n": n, "seed": 1000 + k}).x for k in self.seeds}
+        self.floor = [
+            sliced_wasserstein(registry.build("data", {"type": "moons", "n": n, "seed": 2000 + k}).x, self.fresh[k])
+            for k in self.seeds
+        ]
+
+
+def measure(pipe: diffkit.Pipeline, sampler: dict[str, Any] | None, data: Data) -> dict[str, Any]:
+    """SW2 per seed, network evaluations per sample set, seconds per sample set."""
+    calls = [0]
+    hook = pipe.denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    start = time.perf_counter()
+    try:
+        d = [
+            sliced_wasserstein(pipe.sample(data.n, seed=k, sampler=sampler, batch_size=data.n), data.fresh[k])
+            for k in data.seeds
+        ]
+    finally:
+        hook.remove()
+    k = len(data.seeds)
+    return {"sw": d, "floor": data.floor, "nfe": calls[0] // k, "seconds": (time.perf_counter() - start) / k}
+
+
+def save(name: str, result: dict[str, Any], quick: bool) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    (RUNS / f"{'quick-' if quick else ''}{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def load(name: str, quick: bool) -> dict[str, Any] | None:
+    path = RUNS / f"{'quick-' if quick else ''}{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _se(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def table(args: argparse.Namespace, data: Data) -> None:
+    for key in args.rows:
+        spec, sampler, label = ROWS[key]
+        pipe = trained(Path(spec).stem, args.quick)
+        r = measure(pipe, sampler, data)
+        r.update(row=key, spec=spec, sampler=sampler, label=label, n=data.n, process=repr(pipe.schedule))
+        save(f"table-{key}", r, args.quick)
+        ratio = [a / b for a, b in zip(r["sw"], r["floor"])]
+        print(
+            f"{key:8s} {label:38s} SW2 {statistics.mean(r['sw']):.4f} ± {_se(r['sw']):.4f}  × floor"
+            f" {statistics.mean(ratio):.2f} ± {_se(ratio):.2f}  ({r['nfe']} evaluations, {r['seconds']:.0f} s per set)",
+            flush=True,
+        )
+    report(args)
+
+
+def table_chunk(args: argparse.Namespace) -> None:
+    """One part of a row's sample sets (``--chunk I/M``): n/M samples of seed k drawn with seed
+    100·k + I, saved as .npy, so that a long row can run as M processes; ``--only merge``
+    joins the parts and scores them as one set of n."""
+    import numpy as np
+
+    i, m = (int(v) for v in args.chunk.split("/"))
+    for key in args.rows:
+        spec, sampler, _ = ROWS[key]
+        pipe = trained(Path(spec).stem, args.quick)
+        calls = [0]
+        hook = pipe.denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for k in range(args.seeds):
+            start = time.perf_counter()
+            x = pipe.sample(args.n // m, seed=100 * k + i, sampler=sampler, batch_size=args.n // m)
+            np.save(RUNS / f"part-{key}-{k}-{i}of{m}.npy", x.numpy())
+            print(f"{key} seed {k} part {i}/{m}: {calls[0]} evaluations, {time.perf_counter() - start:.0f} s", flush=True)
+            calls[0] = 0
+        hook.remove()
+
+
+def merge(args: argparse.Namespace, data: Data) -> None:
+    import numpy as np
+
+    m = int(args.chunk.split("/")[1])
+    for key in args.rows:
+        spec, sampler, label = ROWS[key]
+        parts = [[RUNS / f"part-{key}-{k}-{i}of{m}.npy" for i in range(m)] for k in data.seeds]
+        if not all(p.is_file() for ps in parts for p in ps):
+            print(f"{key}: parts missing")
+            continue
+        d = [sliced_wasserstein(torch.from_numpy(np.concatenate([np.load(p) for p in ps])), data.fresh[k]) for k, ps in zip(data.seeds, parts)]
+        pipe = trained(Path(spec).stem, args.quick)
+        r = {"sw": d, "floor": data.floor, "nfe": None, "seconds": None, "row": key, "spec": spec, "sampler": sampler,
+             "label": label, "n": data.n, "process": repr(pipe.schedule), "parts": m}
+        save(f"table-{key}", r, args.quick)
+    report(args)
+
+
+def report(args: argparse.Namespace) -> None:
+    """The table so far, with ratios to the floor and to DDPM-1000 paired by seed, and the goals."""
+    ref = load("table-ddpm", args.quick)
+    print(f"\n| row | process, objective, sampler | evaluations | SW2 | × floor | × DDPM-1000 | goal |\n|---|---|---|---|---|---|---|")
+    for key in ROWS:
+        r = load(f"table-{key}", args.quick)
+        if r is None:
+            continue
+        xf = [a / b for a, b in zip(r["sw"], r["floor"])]
+        xd = [a / b for a, b in zip(r["sw"], ref["sw"])] if ref else []
+        goal = ""
+        if key in GOALS:
+            against, bound = GOALS[key]
+            value = statistics.mean(xf if against == "floor" else xd) if (against == "floor" or xd) else float("nan")
+            goal = f"≤ {bound}× {'floor' if against == 'floor' else 'DDPM-1000'} {'✔' if value <= bound else '✘'}"
+        print(
+            f"| `{r['spec']}` | {r['label']} | {r['nfe'] if r['nfe'] is not None else ''} | {statistics.mean(r['sw']):.4f} ± {_se(r['sw']):.4f}"
+            f" | {statistics.mean(xf):.2f} ± {_se(xf):.2f} | "
+            + (f"{statistics.mean(xd):.2f} ± {_se(xd):.2f}" if xd else "")
+            + f" | {goal} |"
+        )
+    floors = (ref or {}).get("floor")
+    if floors:
+        print(f"\nnoise floor (seed 2000 + k against 1000 + k): {statistics.mean(floors):.4f} ± {_se(floors):.4f}")
+
+
+def sweep(args: argparse.Namespace, data: Data) -> None:
+    if "reference" in args.samplers:  # DDPM-1000 of the ε-network at the sweep's n, for the plot
+        r = measure(trained("moons", args.quick), None, data)
+        r["n"] = data.n
+        save("sweep-reference", r, args.quick)
+        print(f"sweep reference: moons.yaml, ddpm 1000: SW2 {statistics.mean(r['sw']):.4f} (floor {statistics.mean(r['floor']):.4f})", flush=True)
+    pipe = trained("moons-edm", args.quick)
+    for name in [s for s in args.samplers if s != "reference"]:
+        points = load(f"sweep-{name}", args.quick) or {"sampler": name, "points": []}
+        done = {json.dumps(p["config"], sort_keys=True) for p in points["points"]}
+        for config in SWEEP[name]:
+            if json.dumps(config, sort_keys=True) in done:
+                continue
+            r = measure(pipe, config, data)
+            r["config"], r["n"] = config, data.n
+            points["points"].append(r)
+            save(f"sweep-{name}", points, args.quick)
+            print(f"sweep {json.dumps(config):55s} {r['nfe']:5d} evaluations  SW2 {statistics.mean(r['sw']):.4f}  ({r['seconds']:.0f} s)", flush=True)
+
+
+def oracle(args: argparse.Namespace) -> None:
+    """The samplers alone: the exact denoiser of a mixture along the moons (200 Gaussians of
+    std 0.05, benchmarks/bench_steps.py's), centred and scaled to unit variance, sampled at several
+    step counts and scored against exact draws of the mixture (seed 1000 + k); the yardstick
+    is other exact draws (seed 3000 + k), what a perfect sampler returns."""
+    from bench_steps import MOONS_STD, mixture_draws, moons_means
+
+    from diffkit.oracles import GaussianMixture
+    from diffkit.sampling import run
+
+    # centred and scaled to unit variance (one scale for both axes, the components staying
+    # isotropic), as the pipeline standardises points: the processes' priors are centred
+    means = moons_means()
+    shift, scale = means.mean(0), float((means.var(0).sum() / 2 + MOONS_STD**2) ** 0.5)
+    mixture = GaussianMixture((means - shift) / scale, MOONS_STD / scale)
+
+    def draws(m: int, seed: int) -> torch.Tensor:
+        return (mixture_draws(m, seed) - shift.float()) / scale
+
+    n, seeds = args.n, range(args.seeds)
+    fresh = {k: draws(n, 1000 + k) for k in seeds}
+    exact = [sliced_wasserstein(draws(n, 3000 + k), fresh[k]) for k in seeds]
+    diameter = float(torch.cdist(fresh[0][:2048].double(), fresh[0][:2048].double()).max())
+    print(f"oracle: exact mixture draws against exact draws: SW2 {statistics.mean(exact):.4f}; diameter {diameter:.2f}", flush=True)
+    registry = diffkit.get_registry()
+    cases = [
+        ("edm", {"sigma_max": round(diameter, 2), "sigma_data": 1.0}, "heun", (18, 35)),
+        ("edm", {"sigma_max": 80.0, "sigma_data": 1.0}, "heun", (18,)),
+        ("rectified-flow", {}, "euler", (50,)),
+    ]
+    results = []
+    for pname, kw, sname, grid in cases:
+        process = registry.build("schedule", {"type": pname, **kw}, diffkit.BuildContext(data_diameter=diameter))
+        denoise = mixture.denoiser(process)
+        sampler = registry.build("sampler", {"type": sname})
+        for steps in grid:
+            start = time.perf_counter()
+            d = [
+                sliced_wasserstein(
+                    run(sampler, denoise, process, (n, 2), steps=steps, generator=torch.Generator().manual_seed(k), dtype=torch.float64).float(),
+                    fresh[k],
+                )
+                for k in seeds
+            ]
+            ratio = [a / b for a, b in zip(d, exact)]
+            results.append({"process": pname, "params": kw, "sampler": sname, "steps": steps, "sw": d, "exact": exact})
+            print(
+                f"oracle {pname:15s} {json.dumps(kw):40s} {sname:6s} {steps:4d} steps  SW2 {statistics.mean(d):.4f}"
+                f"  × exact draws {statistics.mean(ratio):.2f}  ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+            save("oracle", {"n": n, "results": results}, args.quick)
+
+
+def plot(args: argparse.Namespace) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = load("sweep-reference", args.quick)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    markers = "osD^v<>ph*"
+    drawn = False
+    for i, name in enumerate(SWEEP):
+        res = load(f"sweep-{name}", args.quick)
+        if not res or not res["points"]:
+            continue
+        pts = sorted(res["points"], key=lambda p: p["nfe"])
+        ax.plot([p["nfe"] for p in pts], [statistics.mean(p["sw"]) for p in pts], marker=markers[i % len(markers)], label=name, color=f"C{i}")
+        drawn = True
+    if not drawn:
+        print("no sweep results yet; nothing plotted")
+        return None
+    first = next(load(f"sweep-{n}", args.quick) for n in SWEEP if load(f"sweep-{n}", args.quick))
+    seeds = len(first["points"][0]["sw"])
+    floor = statistics.mean(first["points"][0]["floor"])
+    if ref:
+        level = statistics.mean(ref["sw"][:seeds])
+        ax.axhline(level, color="black", ls="--", lw=1, label="DDPM-1000 of the ε-network (moons.yaml)")
+        ax.axhline(1.25 * level, color="grey", ls="--", lw=0.8, label="1.25 × DDPM-1000")
+    ax.axhline(floor, color="grey", ls=":", lw=1.2, label="noise floor (two data draws)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel(f"sliced W2 to fresh data (n = {first['points'][0].get('n', args.n)})")
+    ax.set_title("two moons, examples/moons-edm.yaml: every sampler at its defaults but the steps", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = (RUNS / "quick-moons-processes.png") if args.quick else IMAGES / "moons-processes.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["table", "sweep", "oracle", "plot", "report", "merge"], help="one section (default: all)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"table rows, comma-separated (default: all of {','.join(ROWS)})")
+    parser.add_argument("--samplers", default=",".join(["reference", *SWEEP]), help="samplers of the sweep, and 'reference' for DDPM-1000 on moons.yaml at the same n (default: all)")
+    parser.add_argument("--n", type=int, default=20_000, help="samples per seed (default 20000)")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds (default 4)")
+    parser.add_argument("--chunk", help="I/M: draw part I of M of each table row's sample sets (with --only table), or join M parts (--only merge)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 100 training steps, 500 samples, one seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.n, args.seeds = 500, 1
+    args.rows = [r for r in args.rows.split(",") if r]
+    args.samplers = [s for s in args.samplers.split(",") if s]
+    for bad in [r for r in args.rows if r not in ROWS] + [s for s in args.samplers if s not in SWEEP and s != "reference"]:
+        sys.exit(f"unknown row or sampler {bad!r}; rows: {', '.join(ROWS)}; samplers: {', '.join(SWEEP)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.n} samples × {args.seeds} seeds", flush=True)
+    if args.only == "report":
+        return report(args)
+    data = Data(args.n, args.seeds) if args.only != "plot" and not (args.only == "table" and args.chunk) else None
+    if args.only == "table" and args.chunk:
+        return table_chunk(args)
+    if args.only == "merge":
+        return merge(args, data)
+    if args.only in (None, "table"):
+        table(args, data)
+    if args.only in (None, "sweep"):
+        sweep(args, data)
+    if args.only in (None, "oracle"):
+        oracle(args)
+    if args.only in (None, "plot"):
+        plot(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ IMAGES = ROOT / "docs" / "images"
 CLI = "docs/make_images.py (diffkit CLI)"
 BENCH_STEPS = "benchmarks/bench_steps.py"
 BENCH_GUIDANCE = "benchmarks/bench_guidance.py --gaussians"
+BENCH_PROCESSES = "benchmarks/bench_processes.py"
 PICTURES: dict[str, str] = {
     "moons.png": CLI,
     "moons-trajectory.png": CLI,
@@ -40,6 +41,7 @@ PICTURES: dict[str, str] = {
     "guidance-digits-classifier.png": BENCH_GUIDANCE,
     "guidance-digits-cfg.png": BENCH_GUIDANCE,
     "guidance-options.png": BENCH_GUIDANCE,
+    "moons-processes.png": BENCH_PROCESSES,
 }
 """Every picture in docs/images and what draws it."""
 
