@@ -259,6 +259,8 @@ class X0Bound:
             self._count(moved)
             if s <= 0:
                 return Denoised(clipped, d.eps)
+            if getattr(d, "consistent", None) is not None and d.consistent[0] is x_t:
+                return Denoised.from_x0(clipped, x_t, a, s)  # ε̂ is defined from x̂_0: the same formula, clipped
             eps0 = d.eps  # consistent with x0: moving x̂_0 by δ moves ε̂ by −δ·α/σ (0 where in range)
             return Denoised(clipped, make_eps=lambda: torch.add(eps0, x0 - clipped, alpha=a / s))
 

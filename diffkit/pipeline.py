@@ -690,8 +690,8 @@ class Pipeline:
             tt = table_time(process, t)
             out = network_output(net, process, x_t, tt, cond)
             self._check_output(out, x_t)
-            x0, eps = objective.denoised(out, x_t, tt, process)
-            return Denoised(x0, eps)
+            d = objective.denoised(out, x_t, tt, process)
+            return d if isinstance(d, Denoised) else Denoised(*d)
 
         return denoise
 

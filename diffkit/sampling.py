@@ -60,12 +60,13 @@ class Denoised:
     use (``make_eps``): a bound on x̂_0 re-derives ε̂ only for the samplers that read it.
     """
 
-    __slots__ = ("x0", "_eps", "_make_eps")
+    __slots__ = ("x0", "_eps", "_make_eps", "consistent")
 
     def __init__(self, x0: Tensor, eps: Tensor | None = None, make_eps: Callable[[], Tensor] | None = None) -> None:
         if eps is None and make_eps is None:
             raise TypeError("Denoised needs eps or make_eps")
         self.x0, self._eps, self._make_eps = x0, eps, make_eps
+        self.consistent: tuple[Tensor, float, float] | None = None  # (x_t, α, σ) where ε̂ is defined from x̂_0
 
     @property
     def eps(self) -> Tensor:
@@ -83,6 +84,17 @@ class Denoised:
 
     def __getitem__(self, i: int) -> Tensor:
         return (self.x0, self.eps)[i]
+
+    @classmethod
+    def from_x0(cls, x0: Tensor, x_t: Tensor, alpha: float, sigma: float) -> Denoised:
+        """x̂_0 with the ε̂ consistent with it, ε̂ = (x_t − α x̂_0)/σ (σ > 0), computed on first use."""
+
+        def make() -> Tensor:
+            return (x_t - (x0 if alpha == 1.0 else x0 * alpha)) / sigma
+
+        d = cls(x0, make_eps=make)
+        d.consistent = (x_t, alpha, sigma)
+        return d
 
     def _replace(self, **fields: Tensor) -> Denoised:
         return Denoised(fields.get("x0", self.x0), fields["eps"] if "eps" in fields else self.eps)
@@ -194,6 +206,8 @@ class StepContext:
     """α, σ at the grid's times, computed once per run by the loop."""
     source: SampleNoise | None = None
     """The per-sample noise of the run (:mod:`diffkit.noise`); ``generator`` is used without one."""
+    times: dict[Any, Tensor] = field(default_factory=dict)
+    """The time tensors handed to the model in this run, by (time, batch, device)."""
     draws: int = 0
     """Noise draws made so far in this step: the k-th draw is slot k of the step's position."""
 
@@ -201,8 +215,12 @@ class StepContext:
     def denoise(self, x: Tensor, t: float | None = None) -> Denoised:
         """The model's (x̂_0, ε̂) at x, at time ``t`` (default: this step's t)."""
         t = self.t if t is None else t
-        tt = times_tensor(t, x.shape[0], x.device, self.process)
-        return self.denoise_fn(x, mark_alpha_sigma(tt, self.alpha_sigma(t), t))
+        key = (t, x.shape[0], x.device)
+        tt = self.times.get(key)
+        if tt is None:  # one tensor per time and batch in a run, marked with its α, σ
+            tt = mark_alpha_sigma(times_tensor(t, x.shape[0], x.device, self.process), self.alpha_sigma(t), t)
+            self.times[key] = tt
+        return self.denoise_fn(x, tt)
 
     def noise(self, like: Tensor) -> Tensor:
         """A standard normal draw of ``like``'s shape: per sample, a function of (seed,
@@ -432,12 +450,13 @@ def run(
         new = callback(_report_time(times[0]), x)
         x = x if new is None else new
     memory: dict[str, Any] = {}
+    time_tensors: dict[Any, Tensor] = {}
     a_all, s_all = process.alpha_sigma(ts)
     known = dict(zip(times, zip(a_all.tolist(), s_all.tolist())))
     name = getattr(sampler, "name", type(sampler).__name__.lower())
     n = len(times) - 1
     for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
-        ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory, known, noise)
+        ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory, known, noise, time_tensors)
         x = sampler.step(x, ctx)
         if callback is not None:
             new = callback(_report_time(times[i + 1]), x)

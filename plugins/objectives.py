@@ -18,6 +18,7 @@ from torch import Tensor
 from diffkit import BuildContext, Component, Objective, Params, Schedule, hookimpl
 from diffkit import diffusion as D
 from diffkit.process import TIME, Process, known_alpha_sigma, log_normal_sigma
+from diffkit.sampling import Denoised
 
 
 class _ObjectiveParams(Params):
@@ -182,7 +183,7 @@ class EDMObjective(Objective):
             c_skip = sd2 / (sig * sig + sd2)
             c_out = sig * self.sigma_data / math.sqrt(sig * sig + sd2)
             x0 = torch.add(x_t * (c_skip / a), output, alpha=c_out)
-            return x0, (x_t - (x0 if a == 1.0 else x0 * a)) / s
+            return Denoised.from_x0(x0, x_t, a, s)
         a, c_skip, c_out = self._c(process, t, x_t)
         _, s = process.coefficients(t, x_t)
         dt = x_t.dtype

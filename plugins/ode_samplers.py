@@ -61,6 +61,10 @@ class HeunParams(_StepParams):
     s_noise: float = Field(1.0, gt=0, description="S_noise: scale of the noise added back (slightly above 1 in EDM).")
 
 
+def _times(y: Tensor, a: float) -> Tensor:
+    return y if a == 1.0 else y * a
+
+
 class Heun(StepSamplerBase):
     """EDM's sampler (Karras et al. 2022, Alg. 2) in σ̃ = σ/α on y = x/α: raise the noise to
     σ̂ = (1 + γ)σ̃_t with γ = min(S_churn/N, √2 − 1) inside [S_tmin, S_tmax], take an Euler step
@@ -74,7 +78,7 @@ class Heun(StepSamplerBase):
         p = self.params
         a_t, s_t = ctx.alpha_sigma(ctx.t)
         sig_t = s_t / a_t
-        y = x / a_t
+        y = x if a_t == 1.0 else x / a_t  # (α = 1 on EDM's process: no work)
         s_tmax = math.inf if p.s_tmax is None else p.s_tmax
         gamma = min(p.s_churn / ctx.n, math.sqrt(2.0) - 1.0) if p.s_tmin <= sig_t <= s_tmax else 0.0
         t_hat, sig_hat = ctx.t, sig_t
@@ -86,14 +90,14 @@ class Heun(StepSamplerBase):
             else:
                 t_hat, sig_hat = ctx.t, sig_t
         a_hat = ctx.alpha_sigma(t_hat)[0]
-        d = ctx.denoise(y * a_hat, t_hat).eps
+        d = ctx.denoise(_times(y, a_hat), t_hat).eps
         a_s, s_s = ctx.alpha_sigma(ctx.s)
         sig_s = s_s / a_s
         y_next = y + (sig_s - sig_hat) * d
         if not ctx.last:
-            d2 = ctx.denoise(y_next * a_s, ctx.s).eps
+            d2 = ctx.denoise(_times(y_next, a_s), ctx.s).eps
             y_next = y + (sig_s - sig_hat) * 0.5 * (d + d2)
-        return y_next * a_s
+        return _times(y_next, a_s)
 
 
 # -- euler-ancestral ----------------------------------------------------------------------------
