@@ -210,7 +210,17 @@ class X0Bound:
         self.low, self.high = low, high
         self.counts: list[Tensor] = []
         self.tally: Tensor | None = None
+        self._converted: dict[Any, tuple[Tensor, Tensor]] = {}
         self.seen = 0
+
+    def _limits(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``low``, ``high`` in ``like``'s dtype and device, converted once."""
+        key = (like.dtype, like.device)
+        hit = self._converted.get(key)
+        if hit is None:
+            assert self.low is not None and self.high is not None
+            hit = self._converted[key] = (self.low.to(like), self.high.to(like))
+        return hit
 
     def _count(self, moved: Tensor) -> None:
         # an elementwise running count per position (cheaper per step than a reduction), summed when read
@@ -254,7 +264,8 @@ class X0Bound:
             if self.low is None or self.high is None:
                 clipped, moved = self._clip(x0)
             else:
-                clipped = torch.clamp(x0, self.low.to(x0), self.high.to(x0))
+                low, high = self._limits(x0)
+                clipped = torch.clamp(x0, low, high)
                 moved = clipped != x0
             self._count(moved)
             if s <= 0:

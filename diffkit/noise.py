@@ -60,10 +60,14 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
+def _stream_key(seed: int, slot: int, dtype: torch.dtype) -> int:
+    return _mix(_mix(seed & _MASK) ^ ((slot << 1) | (1 if dtype == torch.float64 else 0)))
+
+
 def sample_seed(seed: int, index: int, slot: int, dtype: torch.dtype = torch.float32) -> int:
-    """The seed of sample ``index``'s stream ``slot`` under ``seed``, in [0, 2⁶⁴)."""
-    code = 1 if dtype == torch.float64 else 0
-    return _mix(_mix(_mix(_mix(seed & _MASK) ^ index) ^ slot) ^ code)
+    """The seed of sample ``index``'s stream ``slot`` under ``seed``, in [0, 2⁶⁴): a hash of the
+    stream's key (seed, slot, dtype) and the index, distinct for distinct indices."""
+    return _mix(_stream_key(seed, slot, dtype) ^ index)
 
 
 class _Stream:
@@ -74,7 +78,8 @@ class _Stream:
     ) -> None:
         self.width = width
         self.dtype = dtype
-        self.gens = [torch.Generator().manual_seed(sample_seed(seed, first + b, slot, dtype)) for b in range(count)]
+        key = _stream_key(seed, slot, dtype)
+        self.gens = [torch.Generator().manual_seed(_mix(key ^ (first + b))) for b in range(count)]
         # positions per chunk: a whole number of 16-value blocks, within CHUNK_VALUES for the batch
         unit = 16 // math.gcd(width, 16)
         per = max(1, CHUNK_VALUES // max(1, count * width * unit)) * unit
