@@ -461,3 +461,45 @@ def test_an_exception_in_a_plugins_code_while_sampling_names_the_plugin(make_dis
     run = pipe.save(tmp_path / "run")
     code, _, text = cli(capsys, "sample", str(run), "--n", "4", "--out", str(tmp_path / "x.npy"), "--no-progress")
     assert code == 1 and "Traceback" not in text and "denoiser 'raising' of plugin 'raising' (acme-raising 0.3)" in text
+
+
+# -- a label-free guidance, installed as a third party's distribution -------------------------------
+def test_a_label_free_guidance_plugin_installs_validates_trains_and_steers_unlabelled_samples(
+    make_dist, capsys, tmp_path
+):
+    ep = install(make_dist, "label_free_guidance", dist="acme-box", version="0.3")
+    assert ep not in {p.split(":")[0] for p in check(capsys)[1]}
+    code, out, _ = cli(capsys, "plugins", "--json")
+    rows = [r for r in json.loads(out) if r.get("name") == "toward-box"]
+    assert rows and rows[0]["kind"] == "guidance" and rows[0]["distribution"] == "acme-box", rows
+    spec = {
+        "data": {"type": "moons", "n": 2000, "noise": 0.05},
+        "schedule": {"type": "linear", "timesteps": 100, "beta_end": 0.1},
+        "denoiser": {"type": "mlp", "hidden": 64, "depth": 2},
+        "sampler": {"type": "ddim", "steps": 25},
+        "guidance": {"type": "toward-box", "scale": 1.0},
+        "train": {"steps": 400, "batch_size": 256, "preview": 0, "lr": 0.003, "device": "cpu"},
+    }
+    path = write_spec(tmp_path, spec)
+    assert cli(capsys, "validate", str(path))[0] == 0
+    (tmp_path / "bad").mkdir()
+    bad = write_spec(tmp_path / "bad", {**spec, "guidance": {"type": "toward-box", "low": "left"}})
+    code, _, err = cli(capsys, "validate", str(bad))
+    assert code == 1 and "guidance.low" in err
+    run = tmp_path / "run"
+    assert cli(capsys, "train", str(path), "--out", str(run), "--no-progress")[0] == 0
+    meta = json.loads((run / "meta.json").read_text())
+    assert "acme-box" in json.dumps(meta) and "0.3" in json.dumps(meta)
+
+    def inside(scale: str) -> float:
+        out = tmp_path / f"x{scale}.npy"
+        argv = ["sample", str(run), "--n", "500", "--seed", "0", "--out", str(out), "--no-progress"]
+        code, _, err = cli(capsys, *argv, "--guidance-scale", scale)
+        assert code == 0, err
+        import numpy as np
+
+        x = np.load(out)
+        return float(((x >= [1.2, -0.6]) & (x <= [2.2, 0.2])).all(1).mean())
+
+    shares = [inside(s) for s in ("0", "4", "16")]
+    assert shares[0] < shares[1] < shares[2] and shares[0] < 0.25 and shares[2] > 0.6, shares
