@@ -334,7 +334,7 @@ class PredictorCorrector(StepSamplerBase):
       over the batch, one step size for the whole batch: the one sampler whose samples depend
       on the batch they are drawn in. ``step_norms: sample`` takes each sample's own, the
       ratio capped at 4σ_s (its value ‖z‖/‖g‖ ≈ σ_s for g ≈ −(x − α x̂_0)/σ_s²) where g
-      vanishes; on 2-D data its law is measurably worse (certification: |Δcov| ≈ 1).
+      vanishes; on 2-D data its law is measurably worse (certification at r = 0.16: |Δcov| ≈ 1).
 
     The last step lands on the clean data with x̂_0 (no noise, no corrector: the denoising
     step of Song et al. 2021, App. G). The callback sees the state after each step.
