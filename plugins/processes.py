@@ -277,15 +277,19 @@ def sub_vp(params: VPParams, ctx: BuildContext) -> SubVP:
     return SubVP(params.beta_min, params.beta_max, params.t_min)
 
 
+def diameter_sigma_max(ctx: BuildContext, sigma_min: float) -> float | None:
+    """Song & Ermon 2020, Technique 1: σ_max as large as the largest distance between two
+    training points (at least 2σ_min), so the prior covers the data; ``None`` where unknown."""
+    return None if ctx.data_diameter is None else max(float(ctx.data_diameter), 2.0 * sigma_min)
+
+
 def ve(params: VEParams, ctx: BuildContext) -> VE:
-    sigma_max = params.sigma_max
+    sigma_max = params.sigma_max if params.sigma_max is not None else diameter_sigma_max(ctx, params.sigma_min)
     if sigma_max is None:
-        if ctx.data_diameter is None:
-            raise ValueError(
-                "sigma_max: null takes the largest distance between training points, which is not known"
-                " here; give sigma_max a number"
-            )
-        sigma_max = max(float(ctx.data_diameter), 2.0 * params.sigma_min)
+        raise ValueError(
+            "sigma_max: null takes the largest distance between training points, which is not known"
+            " here; give sigma_max a number"
+        )
     return VE(params.sigma_min, sigma_max, params.t_min)
 
 
@@ -306,9 +310,8 @@ def edm_sigma_max(params: EDMParams, ctx: BuildContext) -> float:
     steps from 1.73× to 1.20× the noise floor in sliced W2 at 5,000 samples."""
     if params.sigma_max is not None:
         return params.sigma_max
-    if ctx.data_kind == "points" and ctx.data_diameter is not None:
-        return max(float(ctx.data_diameter), 2.0 * params.sigma_min)
-    return EDM_SIGMA_MAX
+    diameter = diameter_sigma_max(ctx, params.sigma_min) if ctx.data_kind == "points" else None
+    return EDM_SIGMA_MAX if diameter is None else diameter
 
 
 def edm(params: EDMParams, ctx: BuildContext) -> EDM:
