@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffkit import diffusion as D
 from diffkit.errors import DiffkitError
 from diffkit.noise import APPLICATION, SampleNoise, fresh_seed
-from diffkit.sampling import is_step_sampler
+from diffkit.sampling import is_step_sampler, times_tensor
 from diffkit.interfaces import Sampler, StepCallback
 
 __all__ = [
@@ -38,6 +37,7 @@ __all__ = [
     "upscale",
     "ilvr",
     "strength_to_timestep",
+    "strength_to_time",
     "check_strength",
     "masked_view",
     "low_pass",
@@ -53,11 +53,6 @@ SamplerChoice = str | Mapping[str, Any] | Sampler | None
 def _sampler(pipe: Any, sampler: SamplerChoice) -> Sampler:
     """The sampler to run, and a fresh bound on x̂_0 for it on the pipeline (what ``_run``
     applies and ``pipe.last_clipped`` reports)."""
-    if not pipe.schedule.discrete:
-        raise DiffkitError(
-            "inpainting, SDEdit and ILVR walk a discrete table's integer timesteps, and this model's process is"
-            " continuous; train with schedule linear or cosine to use them"
-        )
     if sampler is None:
         chosen = pipe.sampler
     elif isinstance(sampler, (str, Mapping)):
@@ -99,8 +94,12 @@ def _generator(pipe: Any, seed: int | None) -> tuple[torch.Generator, int]:
 
 
 def _check_steps(pipe: Any, steps: int | None) -> None:
-    if steps is not None and not 1 <= steps <= pipe.schedule.T:
+    if steps is None:
+        return
+    if pipe.schedule.discrete and not 1 <= steps <= pipe.schedule.T:
         raise DiffkitError(f"steps must be between 1 and the schedule's T = {pipe.schedule.T}, got {steps}")
+    if int(steps) != steps or steps < 1:
+        raise DiffkitError(f"steps must be a whole number of at least 1, got {steps}")
 
 
 def _chunks(n: int, batch_size: int | None) -> list[slice]:
@@ -142,10 +141,10 @@ def _run(
     return x
 
 
-def _noised(pipe: Any, x0: Tensor, t: int, draws: SampleNoise) -> Tensor:
-    """A draw of q(x_t | x_0) (x_0 itself for t = −1), per sample from the application's own stream."""
+def _noised(pipe: Any, x0: Tensor, t: float, draws: SampleNoise) -> Tensor:
+    """A draw of q(x_t | x_0) (x_0 itself at the clean time), per sample from the application's own stream."""
     noise = draws.next(APPLICATION, x0)
-    return pipe.schedule.q_sample(x0, torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long), noise)
+    return pipe.schedule.q_sample(x0, times_tensor(t, x0.shape[0], x0.device, pipe.schedule), noise)
 
 
 class _Reached(Exception):
@@ -208,10 +207,10 @@ def inpaint(
     Lugmayr et al. 2022, Eq. 8). Replacement alone leaves the generated part only
     loosely tied to the known part; RePaint's resampling (Lugmayr et al. 2022, Alg. 1 and
     Sec. 4.2) harmonises them: with ``resample`` = r > 1, after every ``jump`` = j steps
-    the merged state x_s is noised back j steps, to the timestep t' the sampler visited
-    j steps earlier, by the forward kernel q(x_{t'} | x_s) = N(√(ᾱ_{t'}/ᾱ_s) x_s,
-    (1 − ᾱ_{t'}/ᾱ_s) I), and those j steps are taken again (with replacement), r − 1
-    times. That costs about r times the network evaluations of the steps.
+    the merged state x_s is noised back j steps, to the time t' the sampler visited
+    j steps earlier, by the forward kernel q(x_{t'} | x_s) (on a VP table N(√(ᾱ_{t'}/ᾱ_s) x_s,
+    (1 − ᾱ_{t'}/ᾱ_s) I); on any process :meth:`~diffkit.process.Process.transition`), and
+    those j steps are taken again (with replacement), r − 1 times. That costs about r times the network evaluations of the steps.
 
     ``x``: ``[N, *sample_shape]`` in data coordinates (the unknown entries' values are
     ignored); ``mask``: of ``x``'s shape or broadcastable to it (e.g. ``[1, H, W]`` for
@@ -254,12 +253,9 @@ def inpaint(
                 taken = len(seen) - 1  # steps taken so far
                 if resample > 1 and taken > 0 and (taken % jump == 0 or s < 0):
                     back = seen[max(0, taken - jump)]
-                    n = x_s.shape[0]
-                    a_back = pipe.schedule.alpha_bar(torch.full((n,), back, device=device), x_s)
-                    a_s = pipe.schedule.alpha_bar(torch.full((n,), s, device=device), x_s)
                     for _ in range(resample - 1):
                         noise = draws.next(APPLICATION + 1, x_s)
-                        x_back = D.q_sample(x_s, a_back / a_s, noise)  # q(x_back | x_s)
+                        x_back = pipe.schedule.transition(x_s, s, back, noise)  # q(x_back | x_s)
                         nested[0] += 1
                         x_s = _advance(pipe, chosen, x_back, back, s, steps, generator, merge, draws.child(nested[0]))
                 return x_s
@@ -276,6 +272,18 @@ def strength_to_timestep(strength: float, T: int) -> int:
     (strength 1 starts from nearly pure noise at T − 1)."""
     check_strength(strength)
     return max(0, round(strength * T) - 1)
+
+
+def strength_to_time(strength: float, process: Any) -> float:
+    """The time SDEdit starts from: on a discrete table :func:`strength_to_timestep`; on a
+    continuous process the time ``strength`` of the way up its default grid
+    (:meth:`~diffkit.process.Process.time_at`: uniform in t for ``vp``, ``ve`` and
+    ``rectified-flow``, in σ^{1/ρ} for ``edm``), so that strength ½ skips about half of
+    every sampler's steps on every process."""
+    check_strength(strength)
+    if process.discrete:
+        return float(strength_to_timestep(strength, process.T))
+    return process.time_at(strength)
 
 
 def check_strength(strength: float) -> None:
@@ -296,7 +304,7 @@ def denoise(
     progress: bool = False,
 ) -> Tensor:
     """SDEdit (Meng et al. 2022, Alg. 1): noise the input to x_{t₀} ~ q(x_{t₀} | x)
-    with t₀ = :func:`strength_to_timestep` and run the reverse process from there.
+    with t₀ = :func:`strength_to_time` and run the reverse process from there.
 
     A small strength keeps the input's content and removes fine noise; a large one keeps
     only its coarse layout and makes a new sample of the data (image-to-image). The
@@ -305,7 +313,7 @@ def denoise(
     """
     _check_steps(pipe, steps)
     x = _batch(pipe, x, "the input")
-    t0 = strength_to_timestep(strength, pipe.schedule.T)
+    t0 = strength_to_time(strength, pipe.schedule)
     chosen = _sampler(pipe, sampler)
     generator, seed = _generator(pipe, seed)
     out = []

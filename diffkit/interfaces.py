@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +219,14 @@ class Schedule(Process):
         dtype = x_t.dtype
         return c0.to(dtype) * x0 + ct.to(dtype) * x_t, var.to(dtype)
 
+    def time_at(self, fraction: float, spacing: Any = None, *, rho: float = 7.0) -> float:
+        """The timestep ``fraction`` of the way up the table: round(fraction·T) − 1, at least 0
+        (SDEdit's t₀ for a strength, Meng et al. 2022; every spacing's walk starts at T − 1)."""
+        f = float(fraction)
+        if not 0 <= f <= 1:
+            raise ValueError(f"the fraction must lie in [0, 1], got {fraction}")
+        return float(max(0, round(f * self.T) - 1))
+
     def timesteps(self, steps: int | None = None, spacing: Spacing = "linspace", start: int | None = None) -> list[int]:
         """The descending timesteps a sampler visits when it takes ``steps`` ≤ T steps.
 
@@ -336,11 +344,16 @@ class Schedule(Process):
         follow Karras et al. 2022, Eq. 5."""
         spacing = spacing or self.default_grid
         if spacing == "karras":
+            if start is not None:  # the walk's times below start, as timesteps(start=) keeps them
+                first = float(start)
+                if not 0 <= first <= self.t_max:
+                    raise ValueError(f"start must be a time between 0 and T − 1 = {int(self.t_max)}, got {start}")
+                ts = self.grid(steps, spacing, rho=rho)
+                return torch.cat([torch.tensor([first], dtype=torch.float64), ts[ts < first]])
             lst = self._log_sigma_tilde()
-            hi_t = self.t_max if start is None else float(start)
-            s_hi = float(self.sigma_tilde(torch.tensor(hi_t, dtype=torch.float64)))
+            s_hi = float(self.sigma_tilde(torch.tensor(self.t_max, dtype=torch.float64)))
             ts = self.t_of_sigma_tilde(karras_sigmas(s_hi, float(lst[0].exp()), int(steps), rho))
-            ts[0] = hi_t
+            ts[0] = self.t_max
             if steps > 1:
                 ts[-1] = 0.0
         else:

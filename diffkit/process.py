@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Process", "GRIDS", "Grid", "karras_sigmas", "expand_like"]
+__all__ = ["Process", "GRIDS", "Grid", "karras_sigmas", "karras_ramp", "expand_like"]
 
 GRIDS = ("linspace", "leading", "trailing", "quadratic", "logsnr", "karras")
 Grid = Literal["linspace", "leading", "trailing", "quadratic", "logsnr", "karras"]
@@ -91,7 +91,12 @@ def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7
     (Karras et al. 2022, Eq. 5), float64, descending."""
     if steps == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return karras_ramp(sigma_max, sigma_min, torch.linspace(0, 1, steps, dtype=torch.float64), rho)
+
+
+def karras_ramp(sigma_max: float, sigma_min: float, ramp: Tensor, rho: float = 7.0) -> Tensor:
+    """σ = (σ_max^{1/ρ} + r·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ at each r of ``ramp`` in [0, 1]
+    (Karras et al. 2022, Eq. 5 with r = i/(N−1))."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
 
@@ -200,9 +205,22 @@ class Process(ABC):
         a, s = self.coefficients(t, x0)
         return a.to(x0.dtype) * x0 + s.to(x0.dtype) * noise
 
+    def transition(self, x_s: Tensor, s: float, t: float, noise: Tensor) -> Tensor:
+        """A draw of the forward kernel q(x_t | x_s) for t above s: x_t = (α_t/α_s)·x_s +
+        √(σ_t² − (α_t/α_s)² σ_s²)·ε (Kingma et al. 2021, Eq. 33), on a VP table
+        N(√(ᾱ_t/ᾱ_s) x_s, (1 − ᾱ_t/ᾱ_s) I) (Ho et al. 2020, Eq. 2 composed; RePaint's
+        resampling, Lugmayr et al. 2022, Alg. 1 line 10)."""
+        a, sig = self.alpha_sigma(_f64(torch.tensor([float(s), float(t)])))
+        ratio = float(a[1] / a[0])
+        std = float((sig[1] ** 2 - ratio**2 * sig[0] ** 2).clamp_min(0.0).sqrt())
+        return ratio * x_s + std * noise
+
     def grid(self, steps: int, spacing: Grid | None = None, *, rho: float = 7.0, start: float | None = None) -> Tensor:
         """The times a sampler visits in ``steps`` steps: ``steps`` noisy times descending
-        from t_max (or ``start``) to t_min, then ``t_clean`` (float64, length steps + 1).
+        from t_max to t_min, then ``t_clean`` (float64, length steps + 1). ``start`` begins
+        the walk at that time and keeps the grid's times below it, as a discrete table's
+        :meth:`~diffkit.interfaces.Schedule.timesteps` does (SDEdit starts there, and
+        RePaint's resampling returns to times the walk visited).
 
         ``linspace`` is uniform in t; ``quadratic`` crowds the clean end, t_i ∝ (1 − i/N)²
         (Song et al. 2021, DDIM, App. D.2); ``logsnr`` is uniform in λ (Lu et al. 2022,
@@ -214,14 +232,13 @@ class Process(ABC):
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         spacing = spacing or self.default_grid
-        hi = self.t_max if start is None else float(start)
-        if not self.t_min <= hi <= self.t_max:
-            raise ValueError(f"start must lie in [t_min, t_max] = [{self.t_min:g}, {self.t_max:g}], got {hi:g}")
-        lo = min(self.t_min, hi)
-        reaches_clean = lo == self.t_clean  # σ(t_min) = 0: the last step lands there itself
-        if reaches_clean and spacing in ("logsnr", "karras"):
-            lo = float(self.t_of_sigma_tilde(_f64(CLEAN_END_SIGMA_TILDE)))
-            reaches_clean = False
+        if start is not None:
+            first = float(start)
+            if not self.t_min <= first <= self.t_max:
+                raise ValueError(f"start must lie in [t_min, t_max] = [{self.t_min:g}, {self.t_max:g}], got {first:g}")
+            ts = self.grid(steps, spacing, rho=rho)
+            return torch.cat([torch.tensor([first], dtype=torch.float64), ts[ts < first]])
+        hi, lo, reaches_clean = self._grid_ends(spacing)
         if spacing in ("linspace", "leading", "trailing", "quadratic"):
             ramp = torch.linspace(1, 0, steps + 1 if reaches_clean else steps, dtype=torch.float64)
             if spacing == "quadratic":
@@ -242,6 +259,38 @@ class Process(ABC):
         else:
             ts[0] = hi
         return torch.cat([ts, torch.tensor([self.t_clean], dtype=torch.float64)])
+
+    def _grid_ends(self, spacing: str) -> tuple[float, float, bool]:
+        """(t_max, the least noisy time of a grid with this spacing, whether that is ``t_clean``)."""
+        lo = self.t_min
+        reaches_clean = lo == self.t_clean  # σ(t_min) = 0: the last step lands there itself
+        if reaches_clean and spacing in ("logsnr", "karras"):
+            lo = float(self.t_of_sigma_tilde(_f64(CLEAN_END_SIGMA_TILDE)))
+            reaches_clean = False
+        return self.t_max, lo, reaches_clean
+
+    def time_at(self, fraction: float, spacing: Grid | None = None, *, rho: float = 7.0) -> float:
+        """The time ``fraction`` of the way from the least noisy time of a grid (0) to t_max
+        (1), measured as that grid is spaced (the process's default grid unless given):
+        uniform in t for ``linspace``, in λ for ``logsnr``, in σ̃^{1/ρ} for ``karras``.
+        What SDEdit's strength means on a continuous process (Meng et al. 2022 noise to
+        t₀ = strength·T); a grid of N steps visits ``time_at(1 − i/N)`` for ``linspace``."""
+        f = float(fraction)
+        if not 0 <= f <= 1:
+            raise ValueError(f"the fraction must lie in [0, 1], got {fraction}")
+        spacing = spacing or self.default_grid
+        hi, lo, _ = self._grid_ends(spacing)
+        if spacing == "logsnr":
+            l_hi, l_lo = float(self.log_snr(_f64(hi))), float(self.log_snr(_f64(lo)))
+            t = float(self.t_of_log_snr(_f64(l_lo + f * (l_hi - l_lo))))
+        elif spacing == "karras":
+            s_hi, s_lo = float(self.sigma_tilde(_f64(hi))), float(self.sigma_tilde(_f64(lo)))
+            t = float(self.t_of_sigma_tilde(karras_ramp(s_hi, s_lo, _f64(1.0 - f), rho)))
+        elif spacing in ("linspace", "leading", "trailing", "quadratic"):
+            t = lo + (hi - lo) * (f * f if spacing == "quadratic" else f)
+        else:
+            raise ValueError(f"unknown grid spacing {spacing!r}; choose one of {GRIDS}")
+        return min(max(t, lo), hi)
 
     def describe(self) -> str:
         a0, s0 = self.alpha_sigma(_f64(self.t_min))

@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "denoise",
         help="denoise or edit inputs: noise them to a strength, then run the reverse process (SDEdit)",
-        description="Noise each input to the timestep round(strength·T) − 1 and run the reverse process from"
-        " there: a small strength removes noise and keeps the content, a large one re-imagines the input.",
+        description="Noise each input to the time `strength` of the way up the sampler's grid (the timestep"
+        " round(strength·T) − 1 on a discrete table) and run the reverse process from there: a small strength"
+        " removes noise and keeps the content, a large one re-imagines the input.",
     )
     add_generation_options(p)
     p.add_argument("--input", required=True, help="inputs: .npy [N, ...] in data coordinates, or one image file")
