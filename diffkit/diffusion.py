@@ -210,6 +210,7 @@ class X0Bound:
         self.low, self.high = low, high
         self.counts: list[Tensor] = []
         self.tally: Tensor | None = None
+        self._pending: list[Tensor] = []
         self._converted: dict[Any, tuple[Tensor, Tensor]] = {}
         self.seen = 0
 
@@ -222,14 +223,43 @@ class X0Bound:
             hit = self._converted[key] = (self.low.to(like), self.high.to(like))
         return hit
 
+    _PENDING_MAX = 64
+    """Small masks held before they are added up in one go (see :meth:`_count`)."""
+    _SMALL = 1 << 14
+    """Masks of at most this many values are held; larger ones are added at once."""
+
     def _count(self, moved: Tensor) -> None:
-        # an elementwise running count per position (cheaper per step than a reduction), summed when read
+        # An elementwise running count per position (cheaper per step than a reduction),
+        # summed when read. Adding a bool mask into it costs a conversion per call, which
+        # for a small batch is most of the bound's cost: small masks are held and added
+        # up 64 at a time (a stack and one sum).
+        self.seen += moved.numel()
+        pending = self._pending
+        if moved.numel() > self._SMALL:
+            self._fold()
+            with torch.inference_mode():  # the tally is an inference tensor, whoever reads it
+                self._tally_like(moved).add_(moved)
+            return
+        if pending and (pending[0].shape != moved.shape or pending[0].device != moved.device):
+            self._fold()
+        pending.append(moved)
+        if len(pending) >= self._PENDING_MAX:
+            self._fold()
+
+    def _tally_like(self, moved: Tensor) -> Tensor:
         if self.tally is None or self.tally.shape != moved.shape or self.tally.device != moved.device:
             if self.tally is not None:
                 self.counts.append(self.tally.sum())
             self.tally = torch.zeros(moved.shape, dtype=torch.int32, device=moved.device)
-        self.tally.add_(moved)
-        self.seen += moved.numel()
+        return self.tally
+
+    def _fold(self) -> None:
+        pending = self._pending
+        if pending:
+            with torch.inference_mode():  # the tally is an inference tensor, whoever reads it
+                total = pending[0].to(torch.int32) if len(pending) == 1 else torch.stack(pending).sum(0, dtype=torch.int32)
+                self._tally_like(pending[0]).add_(total)
+            pending.clear()
 
     def _clip(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         if self.low is None or self.high is None:
@@ -294,6 +324,7 @@ class X0Bound:
         """Share of the x̂_0 values predicted so far that the bound moved (0 before any)."""
         if self.seen == 0:
             return 0.0
+        self._fold()
         moved = sum(int(c.item()) for c in self.counts)
         if self.tally is not None:
             moved += int(self.tally.sum().item())

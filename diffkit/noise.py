@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +72,27 @@ def sample_seed(seed: int, index: int, slot: int, dtype: torch.dtype = torch.flo
     return _mix(_stream_key(seed, slot, dtype) ^ index)
 
 
+def _mix_array(z: np.ndarray) -> np.ndarray:
+    """:func:`_mix` of every entry of a uint64 array (numpy's uint64 arithmetic wraps modulo 2⁶⁴)."""
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+_GENERATORS = threading.local()
+
+
+def _generator() -> torch.Generator:
+    """This thread's CPU generator, reseeded for each stream (``manual_seed`` resets all of
+    its state, the normal sampler's cache included), so that no generator is allocated per sample."""
+    g = getattr(_GENERATORS, "g", None)
+    if g is None:
+        g = _GENERATORS.g = torch.Generator()
+    return g
+
+
 class _Stream:
     """Sample ``first + b``'s stream of one slot, b < count, drawn ahead chunk by chunk."""
 
@@ -78,8 +101,9 @@ class _Stream:
     ) -> None:
         self.width = width
         self.dtype = dtype
-        key = _stream_key(seed, slot, dtype)
-        self.gens = [torch.Generator().manual_seed(_mix(key ^ (first + b))) for b in range(count)]
+        key = np.uint64(_stream_key(seed, slot, dtype))
+        self.seeds = _mix_array(key ^ np.arange(first, first + count, dtype=np.uint64)).tolist()
+        self.states: list[Tensor | None] = [None] * count  # each sample's generator state after its last chunk
         # positions per chunk: a whole number of 16-value blocks, within CHUNK_VALUES for the batch
         unit = 16 // math.gcd(width, 16)
         per = max(1, CHUNK_VALUES // max(1, count * width * unit)) * unit
@@ -87,16 +111,31 @@ class _Stream:
         ahead = positions if positions is not None else 64
         per = min(per, -(-ahead // unit) * unit)
         self.per_chunk = per
+        self.positions = positions
         self.start = 0  # first position held in ``chunk``
-        self.chunk: Tensor | None = None  # [per_chunk, count, width]
+        self.chunk: Tensor | None = None  # [count, per_chunk, width]
 
     def _next_chunk(self) -> None:
         n = self.per_chunk * self.width
-        parts = [torch.randn(n, generator=g, dtype=self.dtype).view(self.per_chunk, self.width) for g in self.gens]
-        chunk = torch.stack(parts, 1)
-        if self.chunk is not None:
-            self.start += self.per_chunk
-        self.chunk = chunk
+        chunk = torch.empty((len(self.seeds), n), dtype=self.dtype)
+        g = _generator()
+        first = self.chunk is None
+        start = self.start if first else self.start + self.per_chunk
+        # the streams go on past this chunk unless the run's positions end within it
+        more = self.positions is None or start + self.per_chunk < self.positions
+        for b, (seed, row) in enumerate(zip(self.seeds, chunk.unbind(0))):
+            state = None if first else self.states[b]
+            if state is not None:
+                g.set_state(state)
+            else:  # from the stream's start (asked past the run's positions): skip what was drawn
+                g.manual_seed(seed)
+                if start:
+                    torch.empty(start * self.width, dtype=self.dtype).normal_(generator=g)
+            row.normal_(generator=g)  # torch.randn(n, generator=g)'s values, written in place
+            if more:
+                self.states[b] = g.get_state()
+        self.start = start
+        self.chunk = chunk.view(len(self.seeds), self.per_chunk, self.width)
 
     def at(self, position: int) -> Tensor:
         if self.chunk is None:
@@ -106,7 +145,7 @@ class _Stream:
         while position >= self.start + self.per_chunk:
             self._next_chunk()
         assert self.chunk is not None
-        return self.chunk[position - self.start]
+        return self.chunk[:, position - self.start]
 
 
 class SampleNoise:
