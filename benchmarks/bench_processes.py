@@ -258,11 +258,19 @@ def oracle(args: argparse.Namespace) -> None:
     diameter = float(torch.cdist(fresh[0][:2048].double(), fresh[0][:2048].double()).max())
     print(f"oracle: exact mixture draws against exact draws: SW2 {statistics.mean(exact):.4f}; diameter {diameter:.2f}", flush=True)
     registry = diffkit.get_registry()
+    sigma_max = round(diameter, 2)
+    # (process, its parameters, sampler, step counts; None: the sampler's default)
     cases = [
-        ("edm", {"sigma_max": round(diameter, 2), "sigma_data": 1.0}, "heun", (18, 35)),
+        ("linear", {"timesteps": 1000}, "ddpm", (1000,)),  # the goal table's yardstick, DDPM-1000
+        ("edm", {"sigma_max": sigma_max, "sigma_data": 1.0}, "heun", (18, 35)),
         ("edm", {"sigma_max": 80.0, "sigma_data": 1.0}, "heun", (18,)),
-        ("rectified-flow", {}, "euler", (50,)),
+        ("rectified-flow", {}, "euler", (50, 100, 200, 400)),
+        ("ve", {"sigma_max": sigma_max}, "sgld", (None,)),
+        ("ve", {"sigma_max": sigma_max}, "pc", (None,)),
+        ("vp", {}, "pc", (None,)),
     ]
+    if args.cases:
+        cases = [c for c in cases if f"{c[0]}:{c[2]}" in args.cases]
     results = []
     for pname, kw, sname, grid in cases:
         process = registry.build("schedule", {"type": pname, **kw}, diffkit.BuildContext(data_diameter=diameter))
@@ -280,7 +288,7 @@ def oracle(args: argparse.Namespace) -> None:
             ratio = [a / b for a, b in zip(d, exact)]
             results.append({"process": pname, "params": kw, "sampler": sname, "steps": steps, "sw": d, "exact": exact})
             print(
-                f"oracle {pname:15s} {json.dumps(kw):40s} {sname:6s} {steps:4d} steps  SW2 {statistics.mean(d):.4f}"
+                f"oracle {pname:15s} {json.dumps(kw):40s} {sname:6s} {steps or 'default'!s:>7} steps  SW2 {statistics.mean(d):.4f}"
                 f"  × exact draws {statistics.mean(ratio):.2f}  ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
@@ -339,6 +347,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000, help="samples per seed (default 20000)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds (default 4)")
     parser.add_argument("--chunk", help="I/M: draw part I of M of each table row's sample sets (with --only table), or join M parts (--only merge)")
+    parser.add_argument("--cases", help="oracle cases as process:sampler, comma-separated (default: all)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 100 training steps, 500 samples, one seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
@@ -347,6 +356,7 @@ def main() -> None:
         args.n, args.seeds = 500, 1
     args.rows = [r for r in args.rows.split(",") if r]
     args.samplers = [s for s in args.samplers.split(",") if s]
+    args.cases = [c for c in (args.cases or "").split(",") if c]
     for bad in [r for r in args.rows if r not in ROWS] + [s for s in args.samplers if s not in SWEEP and s != "reference"]:
         sys.exit(f"unknown row or sampler {bad!r}; rows: {', '.join(ROWS)}; samplers: {', '.join(SWEEP)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.n} samples × {args.seeds} seeds", flush=True)
