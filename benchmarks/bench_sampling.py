@@ -4,6 +4,7 @@
     python benchmarks/bench_sampling.py           # ddpm and heun, batch 64 and 4096 (~10 min here)
     python benchmarks/bench_sampling.py --quick   # fewer rounds and steps: checks that it runs
     python benchmarks/bench_sampling.py --compiled  # only compiled sampling (compile time, cached start, speed)
+    python benchmarks/bench_sampling.py --rows heun # one section (ddpm, heun, compiled)
 
 Two contenders per row, over the *same* network object, alternated round by round (A B,
 B A, ...) after a warm-up; medians and the paired median of per-round ratios are printed:
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds, T = 100: checks that it runs")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
     parser.add_argument("--compiled", action="store_true", help="only the compiled-sampling section")
+    parser.add_argument("--rows", default="ddpm,heun,compiled", help="sections, comma-separated (default: ddpm,heun,compiled)")
     parser.add_argument("--first-call", choices=["compiled", "eager"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -179,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec("moons.yaml")
     if args.quick:
         spec["schedule"] = {**spec["schedule"], "timesteps": 100}
-    pipe = fitted(spec, 100)
-    T = pipe.schedule.T
-    bench("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), T, rounds, {"type": "ddpm"})
-    edm = fitted(load_spec("moons-edm.yaml"), 100)
-    bench("heun", edm, make_hand_heun(edm, edm.denoiser), 35, rounds * 3, {"type": "heun", "steps": 18})
-    bench_compiled(rounds)
+    rows = set(args.rows.split(","))
+    if "ddpm" in rows:
+        pipe = fitted(spec, 100)
+        bench("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), pipe.schedule.T, rounds, {"type": "ddpm"})
+    if "heun" in rows:
+        edm = fitted(load_spec("moons-edm.yaml"), 100)
+        bench("heun", edm, make_hand_heun(edm, edm.denoiser), 35, rounds * 3, {"type": "heun", "steps": 18})
+    if "compiled" in rows:
+        bench_compiled(rounds)
     return 0
 
 
