@@ -10,7 +10,8 @@ paired by seed as benchmarks/bench_steps.py measures.
 
 1. **The goal table.** Rows (``--rows``): ``ddpm`` examples/moons.yaml (ε, linear table,
    ``ddpm`` 1000 steps), the yardstick; ``edm`` examples/moons-edm.yaml (``heun`` 18 steps,
-   35 evaluations); ``rf`` examples/moons-rectified-flow.yaml (``euler`` 50); ``ncsn``
+   35 evaluations); ``rf`` examples/moons-rectified-flow.yaml (``euler`` 50; ``rf-200`` and
+   ``rf-heun`` the same network with ``euler`` 200 and ``heun`` 25); ``ncsn``
    examples/moons-ncsn.yaml (``ve`` + ``score`` + ``sgld``); ``ncsn-pc`` the same network
    with ``pc`` at its defaults; ``vp-pc`` examples/moons-vp-pc.yaml (``vp`` + ``score`` +
    ``pc``). Every option at its default. Sample seed k is scored against the fresh moons
@@ -57,6 +58,8 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "ddpm": ("moons.yaml", None, "ε, linear table, ddpm 1000"),
     "edm": ("moons-edm.yaml", None, "edm + edm + heun 18"),
     "rf": ("moons-rectified-flow.yaml", None, "rectified-flow + flow + euler 50"),
+    "rf-200": ("moons-rectified-flow.yaml", {"type": "euler", "steps": 200}, "rectified-flow + flow + euler 200"),
+    "rf-heun": ("moons-rectified-flow.yaml", {"type": "heun", "steps": 25}, "rectified-flow + flow + heun 25"),
     "ncsn": ("moons-ncsn.yaml", None, "ve + score + sgld (100 levels × 10)"),
     "ncsn-pc": ("moons-ncsn.yaml", {"type": "pc"}, "ve + score + pc"),
     "vp-pc": ("moons-vp-pc.yaml", None, "vp + score + pc"),
@@ -265,6 +268,7 @@ def oracle(args: argparse.Namespace) -> None:
         ("edm", {"sigma_max": sigma_max, "sigma_data": 1.0}, "heun", (18, 35)),
         ("edm", {"sigma_max": 80.0, "sigma_data": 1.0}, "heun", (18,)),
         ("rectified-flow", {}, "euler", (50, 100, 200, 400)),
+        ("rectified-flow", {}, "heun", (25,)),
         ("ve", {"sigma_max": sigma_max}, "sgld", (None,)),
         ("ve", {"sigma_max": sigma_max}, "pc", (None,)),
         ("vp", {}, "pc", (None,)),
