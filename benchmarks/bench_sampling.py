@@ -7,7 +7,10 @@
     python benchmarks/bench_sampling.py --rows heun # one section (ddpm, heun, compiled)
 
 Two contenders per row, over the *same* network object, alternated round by round (A B,
-B A, ...) after a warm-up; medians and the paired median of per-round ratios are printed:
+B A, ...) after a warm-up; medians and the paired median of per-round ratios are printed.
+The timed calls run in the steady state, the garbage collector running as in use
+(``--collect``: a full collection before every timed call, which leaves the caches cold
+for the milliseconds after it; see bench_spine.alternate).
 
 - ``ddpm``: examples/moons.yaml (linear table, T = 1000, the residual MLP, ε-objective)
   against Ho et al. 2020, Alg. 2 written plainly with ``torch.randn`` (bench_spine's loop).
@@ -97,14 +100,16 @@ def fitted(spec: dict[str, Any], steps: int) -> Pipeline:
     return pipe
 
 
-def bench(name: str, pipe: Pipeline, hand: Any, evals: int, rounds: int, sampler: dict[str, Any]) -> dict[str, Any]:
+def bench(
+    name: str, pipe: Pipeline, hand: Any, evals: int, rounds: int, sampler: dict[str, Any], collect: bool = False
+) -> dict[str, Any]:
     a = pipe.sample(256, seed=7, sampler={**sampler, "clip_denoised": None}, noise="batch")
     b = hand(256, 7)
     print(f"\n== {name}: {evals} network evaluations per sample ==")
     print(f"same arithmetic: max |pipe - hand| over 256 samples from the same noise = {(a - b).abs().max():.2e}")
     out: dict[str, Any] = {}
     for n, goal in GOALS.items():
-        times = alternate({"pipe": lambda: pipe.sample(n, seed=1), "hand": lambda: hand(n, 1)}, rounds=rounds)
+        times = alternate({"pipe": lambda: pipe.sample(n, seed=1), "hand": lambda: hand(n, 1)}, rounds=rounds, collect=collect)
         p, h = med(times["pipe"]) / evals * 1e3, med(times["hand"]) / evals * 1e3
         ratio, pr = p / h, paired_ratio(times["pipe"], times["hand"])
         print(
@@ -117,7 +122,9 @@ def bench(name: str, pipe: Pipeline, hand: Any, evals: int, rounds: int, sampler
     pipe.denoiser = null
     hand_null = (make_hand_ddpm if name == "ddpm" else make_hand_heun)(pipe, null)
     try:
-        times = alternate({"pipe": lambda: pipe.sample(64, seed=1), "hand": lambda: hand_null(64, 1)}, rounds=rounds)
+        times = alternate(
+            {"pipe": lambda: pipe.sample(64, seed=1), "hand": lambda: hand_null(64, 1)}, rounds=rounds, collect=collect
+        )
         p, h = med(times["pipe"]) / evals * 1e6, med(times["hand"]) / evals * 1e6
         print(f"the loop alone (network -> zeros_like), batch 64: pipe {p:6.1f} us/eval   hand {h:6.1f} us/eval")
         out["null"] = dict(pipe_us=p, hand_us=h)
@@ -166,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
     parser.add_argument("--compiled", action="store_true", help="only the compiled-sampling section")
     parser.add_argument("--rows", default="ddpm,heun,compiled", help="sections, comma-separated (default: ddpm,heun,compiled)")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="a full garbage collection before every timed call (cold caches after it; default: the steady state)",
+    )
     parser.add_argument("--first-call", choices=["compiled", "eager"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -177,17 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.compiled:
         bench_compiled(rounds)
         return 0
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    timing = "a full garbage collection before each timed call" if args.collect else "steady state"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); timing: {timing}")
     spec = load_spec("moons.yaml")
     if args.quick:
         spec["schedule"] = {**spec["schedule"], "timesteps": 100}
     rows = set(args.rows.split(","))
     if "ddpm" in rows:
         pipe = fitted(spec, 100)
-        bench("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), pipe.schedule.T, rounds, {"type": "ddpm"})
+        bench("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), pipe.schedule.T, rounds, {"type": "ddpm"}, args.collect)
     if "heun" in rows:
         edm = fitted(load_spec("moons-edm.yaml"), 100)
-        bench("heun", edm, make_hand_heun(edm, edm.denoiser), 35, rounds * 3, {"type": "heun", "steps": 18})
+        bench("heun", edm, make_hand_heun(edm, edm.denoiser), 35, rounds * 3, {"type": "heun", "steps": 18}, args.collect)
     if "compiled" in rows:
         bench_compiled(rounds)
     return 0

@@ -93,17 +93,29 @@ def moons_spec(timesteps: int | None = None, steps: int | None = None) -> dict[s
 
 
 # -- timing ----------------------------------------------------------------------------
-def alternate(contenders: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(
+    contenders: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, collect: bool = True
+) -> dict[str, list[float]]:
     """Seconds per call of each contender, called in turn ``rounds`` times after ``warmup``
-    untimed rounds; the order of the contenders flips every round (A B, B A, A B, ...)."""
+    untimed rounds; the order of the contenders flips every round (A B, B A, ...).
+
+    ``collect``: a full garbage collection before every timed call (no collection lands
+    inside one). For calls of a few milliseconds it is not neutral: a full collection walks
+    every Python object of the process and leaves the caches cold, which the first
+    milliseconds after it pay in proportion to the Python objects a contender touches.
+    ``collect=False`` collects once after the warm-up and then times the steady state, the
+    garbage collector running as it does in use."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
             contenders[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    if not collect:
+        gc.collect()
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            gc.collect()
+            if collect:
+                gc.collect()
             t0 = time.perf_counter()
             contenders[name]()
             times[name].append(time.perf_counter() - t0)

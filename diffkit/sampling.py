@@ -455,7 +455,7 @@ def run(
     known = dict(zip(times, zip(a_all.tolist(), s_all.tolist())))
     name = getattr(sampler, "name", type(sampler).__name__.lower())
     n = len(times) - 1
-    for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
+    for i in tqdm(range(n), desc=name, leave=False) if progress else range(n):
         ctx = StepContext(i, n, times[i], times[i + 1], process, denoise, generator, memory, known, noise, time_tensors)
         x = sampler.step(x, ctx)
         if callback is not None:
