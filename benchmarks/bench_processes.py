@@ -80,13 +80,22 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
 }
 
 
+TRAIN_STEPS: int | None = None
+"""``--train-steps``: every network trained this many steps instead of its spec's (runs and
+results then carry the suffix ``-steps-N``)."""
+
+
+def _suffix() -> str:
+    return f"-steps-{TRAIN_STEPS}" if TRAIN_STEPS else ""
+
+
 def trained(stem: str, quick: bool) -> diffkit.Pipeline:
-    out = RUNS / (("quick-" if quick else "") + stem)
+    out = RUNS / (("quick-" if quick else "") + stem + _suffix())
     if (out / "spec.yaml").is_file():
         return diffkit.Pipeline.load(out)
     pipe = diffkit.Pipeline.from_spec(ROOT / "examples" / f"{stem}.yaml")
     start = time.perf_counter()
-    pipe.fit(progress=False, **({"steps": 100} if quick else {}))
+    pipe.fit(progress=False, **({"steps": 100} if quick else {"steps": TRAIN_STEPS} if TRAIN_STEPS else {}))
     pipe.save(out)
     print(f"trained {stem}.yaml for {pipe.steps_trained} steps in {time.perf_counter() - start:.0f} s -> {out}", flush=True)
     return pipe
@@ -123,11 +132,11 @@ def measure(pipe: diffkit.Pipeline, sampler: dict[str, Any] | None, data: Data) 
 
 def save(name: str, result: dict[str, Any], quick: bool) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    (RUNS / f"{'quick-' if quick else ''}{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RUNS / f"{'quick-' if quick else ''}{name}{_suffix()}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def load(name: str, quick: bool) -> dict[str, Any] | None:
-    path = RUNS / f"{'quick-' if quick else ''}{name}.json"
+    path = RUNS / f"{'quick-' if quick else ''}{name}{_suffix()}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -296,7 +305,7 @@ def oracle(args: argparse.Namespace) -> None:
                 f"  × exact draws {statistics.mean(ratio):.2f}  ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-            save("oracle", {"n": n, "results": results}, args.quick)
+            save(f"oracle-n{n}", {"n": n, "results": results}, args.quick)
 
 
 def plot(args: argparse.Namespace) -> Path | None:
@@ -353,9 +362,12 @@ def main() -> None:
     parser.add_argument("--chunk", help="I/M: draw part I of M of each table row's sample sets (with --only table), or join M parts (--only merge)")
     parser.add_argument("--cases", help="oracle cases as process:sampler, comma-separated (default: all)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 100 training steps, 500 samples, one seed")
+    parser.add_argument("--train-steps", type=int, help="train every network this many steps instead of its spec's")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global TRAIN_STEPS
+    TRAIN_STEPS = args.train_steps
     if args.quick:
         args.n, args.seeds = 500, 1
     args.rows = [r for r in args.rows.split(",") if r]
