@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -85,15 +86,26 @@ TRAIN_STEPS: int | None = None
 results then carry the suffix ``-steps-N``)."""
 
 
+TRAIN_SEEDS = False
+"""``--train-seeds``: sample set k is drawn from a network trained with spec seed k (its own
+run), so the spread over seeds includes training's; results carry the suffix ``-train-seeds``."""
+
+
 def _suffix() -> str:
-    return f"-steps-{TRAIN_STEPS}" if TRAIN_STEPS else ""
+    return (f"-steps-{TRAIN_STEPS}" if TRAIN_STEPS else "") + ("-train-seeds" if TRAIN_SEEDS else "")
 
 
-def trained(stem: str, quick: bool) -> diffkit.Pipeline:
-    out = RUNS / (("quick-" if quick else "") + stem + _suffix())
+def trained(stem: str, quick: bool, seed: int | None = None) -> diffkit.Pipeline:
+    """The example spec's network, trained on first use; with ``seed``, trained with that spec seed."""
+    spec = yaml.safe_load((ROOT / "examples" / f"{stem}.yaml").read_text())
+    seed = None if seed == spec.get("seed") else seed  # the spec's own seed is the network as written
+    steps = f"-steps-{TRAIN_STEPS}" if TRAIN_STEPS else ""
+    out = RUNS / (("quick-" if quick else "") + stem + steps + ("" if seed is None else f"-seed-{seed}"))
     if (out / "spec.yaml").is_file():
         return diffkit.Pipeline.load(out)
-    pipe = diffkit.Pipeline.from_spec(ROOT / "examples" / f"{stem}.yaml")
+    if seed is not None:
+        spec["seed"] = seed
+    pipe = diffkit.Pipeline.from_spec(spec)
     start = time.perf_counter()
     pipe.fit(progress=False, **({"steps": 100} if quick else {"steps": TRAIN_STEPS} if TRAIN_STEPS else {}))
     pipe.save(out)
@@ -108,26 +120,78 @@ class Data:
         registry = diffkit.get_registry()
         self.n, self.seeds = n, list(range(seeds))
         self.fresh = {k: registry.build("data", {"type": "moons", "n": n, "seed": 1000 + k}).x for k in self.seeds}
-        self.floor = [
-            sliced_wasserstein(registry.build("data", {"type": "moons", "n": n, "seed": 2000 + k}).x, self.fresh[k])
-            for k in self.seeds
-        ]
+        second = {k: registry.build("data", {"type": "moons", "n": n, "seed": 2000 + k}).x for k in self.seeds}
+        self.floor = [sliced_wasserstein(second[k], self.fresh[k]) for k in self.seeds]
+        self.floor_matched = [share_matched(second[k], self.fresh[k]) for k in self.seeds]
+        self.fresh_upper = [upper_fraction(self.fresh[k]) for k in self.seeds]
 
 
-def measure(pipe: diffkit.Pipeline, sampler: dict[str, Any] | None, data: Data) -> dict[str, Any]:
-    """SW2 per seed, network evaluations per sample set, seconds per sample set."""
-    calls = [0]
-    hook = pipe.denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    start = time.perf_counter()
-    try:
-        d = [
-            sliced_wasserstein(pipe.sample(data.n, seed=k, sampler=sampler, batch_size=data.n), data.fresh[k])
-            for k in data.seeds
-        ]
-    finally:
-        hook.remove()
-    k = len(data.seeds)
-    return {"sw": d, "floor": data.floor, "nfe": calls[0] // k, "seconds": (time.perf_counter() - start) / k}
+def _nearer_upper(x: torch.Tensor) -> torch.Tensor:
+    """Whether each point is nearer the upper moon's arc (centre (0, 0)) than the lower one's
+    (centre (1, ½)), radius 1, in the data's own coordinates."""
+
+    def distance(centre: tuple[float, float], upper: bool) -> torch.Tensor:
+        d = x.double() - torch.tensor(centre, dtype=torch.float64)
+        angle = torch.atan2(d[:, 1], d[:, 0])
+        angle = angle.clamp(0, math.pi) if upper else angle.clamp(-math.pi, 0)
+        return (d - torch.stack([angle.cos(), angle.sin()], 1)).norm(dim=1)
+
+    return distance((0.0, 0.0), True) < distance((1.0, 0.5), False)
+
+
+def upper_fraction(x: torch.Tensor) -> float:
+    """The upper moon's share of ``x``."""
+    return float(_nearer_upper(x).double().mean())
+
+
+def share_matched(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Sliced W2 between ``x`` and ``ref`` with the two moons' shares made equal: each set keeps
+    its first min(count in x, count in ref) points of each moon. What remains is the distance
+    of the moons' shapes, without the binomial noise of how many points fell on each."""
+    ux, ur = _nearer_upper(x), _nearer_upper(ref)
+    keep_x, keep_r = [], []
+    for side_x, side_r in ((ux, ur), (~ux, ~ur)):
+        m = min(int(side_x.sum()), int(side_r.sum()))
+        keep_x.append(x[side_x][:m])
+        keep_r.append(ref[side_r][:m])
+    return sliced_wasserstein(torch.cat(keep_x), torch.cat(keep_r))
+
+
+def measure(
+    pipe: diffkit.Pipeline | str, sampler: dict[str, Any] | None, data: Data, quick: bool = False, row: str | None = None
+) -> dict[str, Any]:
+    """Per seed: SW2 to the fresh draw, the same with the moons' shares matched
+    (:func:`share_matched`), the upper moon's share of the sample set and of the fresh draw;
+    network evaluations and seconds per sample set. ``pipe`` as an example's stem with
+    ``--train-seeds``: sample set k from the network trained with seed k. With ``row``, each
+    sample set is kept as .npy under runs/ and reused."""
+    import numpy as np
+
+    calls, d, matched, upper, seconds = [0], [], [], [], []
+    for k in data.seeds:
+        path = RUNS / "samples" / f"{row}{_suffix()}-n{data.n}-{k}.npy" if row and not quick else None
+        if path is not None and path.is_file():
+            x = torch.from_numpy(np.load(path))
+        else:
+            net = trained(pipe, quick, k if TRAIN_SEEDS else None) if isinstance(pipe, str) else pipe
+            hook = net.denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            start = time.perf_counter()
+            try:
+                x = net.sample(data.n, seed=k, sampler=sampler, batch_size=data.n)
+            finally:
+                hook.remove()
+            seconds.append(time.perf_counter() - start)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, x.numpy())
+        d.append(sliced_wasserstein(x, data.fresh[k]))
+        matched.append(share_matched(x, data.fresh[k]))
+        upper.append(upper_fraction(x))
+    return {
+        "sw": d, "floor": data.floor, "sw_matched": matched, "floor_matched": data.floor_matched,
+        "upper": upper, "fresh_upper": data.fresh_upper,
+        "nfe": calls[0] // len(seconds) if seconds else None, "seconds": statistics.mean(seconds) if seconds else None,
+    }
 
 
 def save(name: str, result: dict[str, Any], quick: bool) -> None:
@@ -147,9 +211,8 @@ def _se(values: list[float]) -> float:
 def table(args: argparse.Namespace, data: Data) -> None:
     for key in args.rows:
         spec, sampler, label = ROWS[key]
-        pipe = trained(Path(spec).stem, args.quick)
-        r = measure(pipe, sampler, data)
-        r.update(row=key, spec=spec, sampler=sampler, label=label, n=data.n, process=repr(pipe.schedule))
+        r = measure(Path(spec).stem, sampler, data, args.quick, row=key)
+        r.update(row=key, spec=spec, sampler=sampler, label=label, n=data.n, process=repr(trained(Path(spec).stem, args.quick).schedule))
         save(f"table-{key}", r, args.quick)
         ratio = [a / b for a, b in zip(r["sw"], r["floor"])]
         print(
@@ -199,16 +262,36 @@ def merge(args: argparse.Namespace, data: Data) -> None:
     report(args)
 
 
+def _share(r: dict[str, Any]) -> str:
+    """Mean ± SE of (the sample set's upper-moon share − its fresh draw's), and the mean of its
+    absolute value, in thousandths: a perfect sampler's are 0 ± 5 and ≈ 4 at 20,000 points."""
+    if "upper" not in r:
+        return ""
+    diff = [1000 * (a - b) for a, b in zip(r["upper"], r["fresh_upper"])]
+    return f"{statistics.mean(diff):+.1f} ± {_se(diff):.1f} (mean size {statistics.mean(abs(v) for v in diff):.1f})"
+
+
+def _mean_se(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {_se(values):.2f}" if values else ""
+
+
 def report(args: argparse.Namespace) -> None:
-    """The table so far, with ratios to the floor and to DDPM-1000 paired by seed, and the goals."""
+    """The table so far, with ratios to the floor and to DDPM-1000 paired by seed, and the goals;
+    then the same ratios with the moons' shares matched (:func:`share_matched`)."""
     ref = load("table-ddpm", args.quick)
-    print(f"\n| row | process, objective, sampler | evaluations | SW2 | × floor | × DDPM-1000 | goal |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| row | process, objective, sampler | evaluations | SW2 | × floor | × DDPM-1000 | shares matched: × floor"
+        " | shares matched: × DDPM-1000 | upper moon's share − fresh draw's (×10⁻³) | goal |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     for key in ROWS:
         r = load(f"table-{key}", args.quick)
         if r is None:
             continue
         xf = [a / b for a, b in zip(r["sw"], r["floor"])]
         xd = [a / b for a, b in zip(r["sw"], ref["sw"])] if ref else []
+        mf = [a / b for a, b in zip(r.get("sw_matched", []), r.get("floor_matched", []))]
+        md = [a / b for a, b in zip(r.get("sw_matched", []), (ref or {}).get("sw_matched", []))]
         goal = ""
         if key in GOALS:
             against, bound = GOALS[key]
@@ -216,13 +299,12 @@ def report(args: argparse.Namespace) -> None:
             goal = f"≤ {bound}× {'floor' if against == 'floor' else 'DDPM-1000'} {'✔' if value <= bound else '✘'}"
         print(
             f"| `{r['spec']}` | {r['label']} | {r['nfe'] if r['nfe'] is not None else ''} | {statistics.mean(r['sw']):.4f} ± {_se(r['sw']):.4f}"
-            f" | {statistics.mean(xf):.2f} ± {_se(xf):.2f} | "
-            + (f"{statistics.mean(xd):.2f} ± {_se(xd):.2f}" if xd else "")
-            + f" | {goal} |"
+            f" | {_mean_se(xf)} | {_mean_se(xd)} | {_mean_se(mf)} | {_mean_se(md)} | {_share(r)} | {goal} |"
         )
-    floors = (ref or {}).get("floor")
-    if floors:
-        print(f"\nnoise floor (seed 2000 + k against 1000 + k): {statistics.mean(floors):.4f} ± {_se(floors):.4f}")
+    if ref:
+        print(f"\nnoise floor (seed 2000 + k against 1000 + k), {len(ref['floor'])} seeds: {statistics.mean(ref['floor']):.4f} ± {_se(ref['floor']):.4f}")
+        if "floor_matched" in ref:
+            print(f"the same with the moons' shares matched: {statistics.mean(ref['floor_matched']):.4f} ± {_se(ref['floor_matched']):.4f}")
 
 
 def sweep(args: argparse.Namespace, data: Data) -> None:
@@ -363,11 +445,12 @@ def main() -> None:
     parser.add_argument("--cases", help="oracle cases as process:sampler, comma-separated (default: all)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 100 training steps, 500 samples, one seed")
     parser.add_argument("--train-steps", type=int, help="train every network this many steps instead of its spec's")
+    parser.add_argument("--train-seeds", action="store_true", help="draw sample set k from a network trained with spec seed k")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global TRAIN_STEPS
-    TRAIN_STEPS = args.train_steps
+    global TRAIN_STEPS, TRAIN_SEEDS
+    TRAIN_STEPS, TRAIN_SEEDS = args.train_steps, args.train_seeds
     if args.quick:
         args.n, args.seeds = 500, 1
     args.rows = [r for r in args.rows.split(",") if r]
