@@ -5,6 +5,7 @@
     python benchmarks/bench_sampling.py --quick   # fewer rounds and steps: checks that it runs
     python benchmarks/bench_sampling.py --compiled  # only compiled sampling (compile time, cached start, speed)
     python benchmarks/bench_sampling.py --rows heun # one section (ddpm, heun, compiled)
+    python benchmarks/bench_sampling.py --rows heun --parts  # and the cost of the bound and of per-sample noise
 
 Two contenders per row, over the *same* network object, alternated round by round (A B,
 B A, ...) after a warm-up; medians and the paired median of per-round ratios are printed.
@@ -133,6 +134,24 @@ def bench(
     return out
 
 
+def bench_parts(name: str, pipe: Pipeline, hand: Any, sampler: dict[str, Any], rounds: int, collect: bool) -> None:
+    """Where ``pipe.sample``'s extra time at batch 64 goes: the default against the hand loop,
+    then without the x̂_0 bound, with batch noise (``torch.randn`` from one generator instead
+    of per-sample streams), and without either."""
+    variants = {
+        "every option at its default": {},
+        "clip_denoised: null": {"sampler": {**sampler, "clip_denoised": None}},
+        'noise="batch"': {"noise": "batch"},
+        'both': {"sampler": {**sampler, "clip_denoised": None}, "noise": "batch"},
+    }
+    print(f"\n== {name}, batch 64: pipe.sample / hand loop with parts of the defaults switched off ==")
+    for label, options in variants.items():
+        times = alternate(
+            {"pipe": lambda o=options: pipe.sample(64, seed=1, **o), "hand": lambda: hand(64, 1)}, rounds=rounds, collect=collect
+        )
+        print(f"{label:30s} {paired_ratio(times['pipe'], times['hand']):.3f}   [{rounds} rounds]", flush=True)
+
+
 def first_call(compiled: bool) -> float:
     """Seconds of the first ``sample`` call of a fresh pipeline (compiled: compilation included)."""
     pipe = fitted(load_spec("moons.yaml"), 1)
@@ -178,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a full garbage collection before every timed call (cold caches after it; default: the steady state)",
     )
+    parser.add_argument(
+        "--parts", action="store_true", help="after each row, the ratio at batch 64 with the bound and per-sample noise switched off"
+    )
     parser.add_argument("--first-call", choices=["compiled", "eager"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -198,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     if "ddpm" in rows:
         pipe = fitted(spec, 100)
         bench("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), pipe.schedule.T, rounds, {"type": "ddpm"}, args.collect)
+        if args.parts:
+            bench_parts("ddpm", pipe, make_hand_ddpm(pipe, pipe.denoiser), {"type": "ddpm"}, rounds, args.collect)
     if "heun" in rows:
         edm = fitted(load_spec("moons-edm.yaml"), 100)
         bench("heun", edm, make_hand_heun(edm, edm.denoiser), 35, rounds * 3, {"type": "heun", "steps": 18}, args.collect)
+        if args.parts:
+            bench_parts("heun", edm, make_hand_heun(edm, edm.denoiser), {"type": "heun", "steps": 18}, rounds * 4, args.collect)
     if "compiled" in rows:
         bench_compiled(rounds)
     return 0
