@@ -26,6 +26,14 @@ paired by seed as benchmarks/bench_steps.py measures.
    mixture along the moons, against exact draws of it: how many steps ``heun`` on ``edm``
    and ``euler`` on ``rectified-flow`` need for a given distance.
 4. **The plot**: docs/images/moons-processes.png from what 1 and 2 saved.
+5. **The networks' error** (``--only errors``): each network's x̂_0 against the exact denoiser
+   of the moons distribution, noise level by noise level.
+6. **The yardstick** (``--only yardstick``): fresh draws against fresh draws, the moons'
+   shares and how much of the distance between two draws they make.
+
+``--train-seeds`` draws sample set k from the spec trained with seed k (the spread then
+includes training's). Every table row reports the upper moon's share of each sample set
+and SW2 with the moons' shares matched beside SW2 itself.
 
 Runs are trained into runs/bench-processes/ on first use and reused; each row's result
 is saved as JSON there, so rows can run as separate processes and the plot be drawn
@@ -390,6 +398,33 @@ def oracle(args: argparse.Namespace) -> None:
             save(f"oracle-n{n}", {"n": n, "results": results}, args.quick)
 
 
+def yardstick(args: argparse.Namespace) -> None:
+    """Two fresh draws of the registry's moons against each other (seeds 1000 + k, 2000 + k):
+    the upper moon's share difference, SW2, and SW2 with the shares matched; then one draw's
+    upper share forced to several values against the draw of seed 1000."""
+    registry = diffkit.get_registry()
+    n, rows = args.n, []
+    for k in range(args.seeds):
+        a = registry.build("data", {"type": "moons", "n": n, "seed": 1000 + k}).x
+        b = registry.build("data", {"type": "moons", "n": n, "seed": 2000 + k}).x
+        rows.append((upper_fraction(b) - upper_fraction(a), sliced_wasserstein(b, a), share_matched(b, a)))
+    diff, sw, matched = ([r[i] for r in rows] for i in range(3))
+    corr = statistics.correlation([abs(v) for v in diff], sw) if len(rows) > 2 else float("nan")
+    print(
+        f"{n} points, {len(rows)} pairs: share difference mean size {statistics.mean(abs(v) for v in diff):.4f}"
+        f" (binomial: {math.sqrt(0.5 / n):.4f}); SW2 {statistics.mean(sw):.4f} ({min(sw):.4f}–{max(sw):.4f});"
+        f" shares matched {statistics.mean(matched):.4f} ({min(matched):.4f}–{max(matched):.4f});"
+        f" correlation of |share difference| and SW2 {corr:.2f}"
+    )
+    ref = registry.build("data", {"type": "moons", "n": n, "seed": 1000}).x
+    pool = registry.build("data", {"type": "moons", "n": 2 * n, "seed": 2000}).x
+    upper = _nearer_upper(pool)
+    for share in (0.5, 0.49, 0.486, 0.48):
+        m = round(n * share)
+        x = torch.cat([pool[upper][:m], pool[~upper][: n - m]])
+        print(f"upper share forced to {share} against a draw at {upper_fraction(ref):.4f}: SW2 {sliced_wasserstein(x, ref):.4f}")
+
+
 def errors(args: argparse.Namespace) -> None:
     """Each network's x̂_0 against the exact denoiser of the moons distribution itself (each arc
     as 2,000 points, the noise of std 0.05 after the pipeline's per-coordinate standardisation),
@@ -469,7 +504,7 @@ def plot(args: argparse.Namespace) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["table", "sweep", "oracle", "errors", "plot", "report", "merge"], help="one section (default: all)")
+    parser.add_argument("--only", choices=["table", "sweep", "oracle", "errors", "yardstick", "plot", "report", "merge"], help="one section (default: all)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"table rows, comma-separated (default: all of {','.join(ROWS)})")
     parser.add_argument("--samplers", default=",".join(["reference", *SWEEP]), help="samplers of the sweep, and 'reference' for DDPM-1000 on moons.yaml at the same n (default: all)")
     parser.add_argument("--n", type=int, default=20_000, help="samples per seed (default 20000)")
@@ -494,7 +529,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.n} samples × {args.seeds} seeds", flush=True)
     if args.only == "report":
         return report(args)
-    data = Data(args.n, args.seeds) if args.only not in ("plot", "errors") and not (args.only == "table" and args.chunk) else None
+    data = Data(args.n, args.seeds) if args.only not in ("plot", "errors", "yardstick") and not (args.only == "table" and args.chunk) else None
     if args.only == "table" and args.chunk:
         return table_chunk(args)
     if args.only == "merge":
@@ -507,6 +542,8 @@ def main() -> None:
         oracle(args)
     if args.only == "errors":
         errors(args)
+    if args.only == "yardstick":
+        yardstick(args)
     if args.only in (None, "plot"):
         plot(args)
 
