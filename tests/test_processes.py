@@ -273,3 +273,30 @@ def test_objective_round_trip(case, objective, seed, integral):
     torch.testing.assert_close(obj.to_score(out, x_t, tt, p), -eps / s[:, None], rtol=1e-7, atol=1e-7)
     velocity = da[:, None] * x0 + ds[:, None] * eps
     torch.testing.assert_close(obj.to_velocity(out, x_t, tt, p), velocity, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("m, s", [(0.0, 1.0), (-0.5, 0.6)])
+def test_rectified_flow_trains_on_logit_normal_t(m, s):
+    """logit(t) ~ N(m, s²) (Esser et al. 2024, Eq. 19): a Kolmogorov–Smirnov test accepts it, and
+    rejects the same draws against uniform t and against a shifted mean."""
+    from scipy import stats
+
+    spec = {"type": "rectified-flow", **({} if (m, s) == (0.0, 1.0) else {"logit_mean": m, "logit_std": s})}
+    t = diffkit.build("schedule", spec).sample_t(20_000, generator=torch.Generator().manual_seed(3))
+    assert t.dtype == F64 and bool(((t > 0) & (t <= 0.999)).all())
+    logit = torch.logit(t).numpy()
+    assert stats.kstest(logit, "norm", args=(m, s)).pvalue > 1e-3
+    assert stats.kstest(logit, "norm", args=(m + 0.1, s)).pvalue < 1e-6
+    assert stats.kstest(t.numpy(), "uniform", args=(0.0, 0.999)).pvalue < 1e-6
+
+
+def test_rectified_flow_uniform_t_is_an_option():
+    t = diffkit.build("schedule", {"type": "rectified-flow", "t_sampling": "uniform"}).sample_t(
+        20_000, generator=torch.Generator().manual_seed(4)
+    )
+    from scipy import stats
+
+    assert stats.kstest(t.numpy(), "uniform", args=(0.0, 0.999)).pvalue > 1e-3
+    with pytest.raises(Exception) as info:
+        diffkit.build("schedule", {"type": "rectified-flow", "t_sampling": "lognorm"})
+    assert "t_sampling" in str(info.value) and "logit-normal" in str(info.value)
