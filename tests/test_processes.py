@@ -277,17 +277,35 @@ def test_objective_round_trip(case, objective, seed, integral):
 
 @pytest.mark.parametrize("m, s", [(0.0, 1.0), (-0.5, 0.6)])
 def test_rectified_flow_trains_on_logit_normal_t(m, s):
-    """logit(t) ~ N(m, s²) (Esser et al. 2024, Eq. 19): a Kolmogorov–Smirnov test accepts it, and
-    rejects the same draws against uniform t and against a shifted mean."""
+    """logit(t) ~ N(m, s²) (Esser et al. 2024, Eq. 19) with no uniform share: a
+    Kolmogorov–Smirnov test accepts it, and rejects the same draws against uniform t and
+    against a shifted mean."""
     from scipy import stats
 
-    spec = {"type": "rectified-flow", **({} if (m, s) == (0.0, 1.0) else {"logit_mean": m, "logit_std": s})}
+    spec = {"type": "rectified-flow", "logit_mean": m, "logit_std": s, "uniform_fraction": 0}
     t = diffkit.build("schedule", spec).sample_t(20_000, generator=torch.Generator().manual_seed(3))
     assert t.dtype == F64 and bool(((t > 0) & (t <= 0.999)).all())
     logit = torch.logit(t).numpy()
     assert stats.kstest(logit, "norm", args=(m, s)).pvalue > 1e-3
     assert stats.kstest(logit, "norm", args=(m + 0.1, s)).pvalue < 1e-6
     assert stats.kstest(t.numpy(), "uniform", args=(0.0, 0.999)).pvalue < 1e-6
+
+
+def test_rectified_flow_default_t_is_logit_normal_with_a_uniform_share():
+    """The default: t ~ 0.8·logit-normal(0, 1) + 0.2·U[0, t_max], whose CDF is
+    F(t) = 0.8·Φ(logit t) + 0.2·t/t_max; the pure logit-normal CDF is rejected."""
+    from scipy import stats
+
+    process = diffkit.build("schedule", "rectified-flow")
+    t = process.sample_t(40_000, generator=torch.Generator().manual_seed(5)).numpy()
+
+    def mixture(x):
+        return 0.8 * stats.norm.cdf(stats.logistic.ppf(x)) + 0.2 * x / 0.999
+
+    assert stats.kstest(t, mixture).pvalue > 1e-3
+    assert stats.kstest(t, lambda x: stats.norm.cdf(stats.logistic.ppf(x))).pvalue < 1e-6
+    # the clean end keeps its draws: a fifth of uniform's density near t = 0
+    assert 0.2 * 0.02 * 0.9 < float((t < 0.02).mean()) < 0.2 * 0.02 * 1.3 + 1e-3
 
 
 def test_rectified_flow_uniform_t_is_an_option():
