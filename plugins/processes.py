@@ -248,7 +248,7 @@ class RectifiedFlowParams(Params):
     t_sampling: Literal["logit-normal", "uniform"] = Field(
         "logit-normal",
         description="How training draws t: 'logit-normal', logit(t) ~ N(logit_mean, logit_std²) (Esser et al."
-        " 2024, Eq. 19), or 'uniform' on [0, t_max] (Liu et al. 2022).",
+        " 2024, Eq. 19) with a uniform share (uniform_fraction), or 'uniform' on [0, t_max] (Liu et al. 2022).",
     )
     logit_mean: float = Field(0.0, ge=-5, le=5, description="Mean of logit(t) when t_sampling is logit-normal.")
     logit_std: float = Field(1.0, gt=0, le=5, description="Standard deviation of logit(t) when t_sampling is logit-normal.")
