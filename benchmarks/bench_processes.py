@@ -439,7 +439,7 @@ def errors(args: argparse.Namespace) -> None:
     levels = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0)
     registry = diffkit.get_registry()
     print("\n| network | " + " | ".join(f"σ/α = {v}" for v in levels) + " |\n|---|" + "---|" * len(levels))
-    for stem in ("moons", "moons-edm", "moons-rectified-flow"):
+    for stem in ("moons", "moons-edm", "moons-rectified-flow", "moons-ncsn", "moons-vp-pc"):
         pipe = trained(stem, args.quick)
         process, denoise = pipe.schedule, pipe.denoise_fn()
         mean, std = pipe.data_mean.double(), pipe.data_std.double()

@@ -27,6 +27,7 @@ import diffkit
 from diffkit import checkpoint, distributed, memory, rundir
 from diffkit import diffusion as D
 from diffkit.checkpoint import CheckpointDir, TrainingCheckpoint
+from diffkit.compiled import CompiledNetwork
 from diffkit.distributed import DistContext
 from diffkit.errors import DiffkitError, PluginError, SpecError
 from diffkit.guidance import GuidanceMethod, GuidedModel, check_guidance_scale, guide
@@ -41,21 +42,21 @@ from diffkit.interfaces import (
     StepCallback,
     network_output,
 )
-from diffkit.plugins import get_registry
-from diffkit.compiled import CompiledNetwork
 from diffkit.noise import NoiseMode, SampleNoise, fresh_seed
+from diffkit.plugins import get_registry
 from diffkit.process import Process
-from diffkit.sampling import Denoised, DenoiseFn, bound_denoised, denoise_from_eps, is_step_sampler, table_time
-from diffkit.sampling import run as run_loop
 from diffkit.registry import Entry, Registry, loop_sampler_problem
 from diffkit.requirements import check_requirements
+from diffkit.sampling import Denoised, DenoiseFn, denoise_from_eps, is_step_sampler, table_time
+from diffkit.sampling import run as run_loop
 from diffkit.spec import (
     OPTIONAL_SECTIONS,
     SECTIONS,
-    Spec,
     SampleConfig,
+    Spec,
     TrainConfig,
     check_seed,
+    complete_saved_spec,
     dump_spec,
     iter_sections,
     load_spec,
@@ -70,10 +71,11 @@ from diffkit.train import (
     MetricsLog,
     Outputs,
     TrainResult,
+    _autocast,
+    _summary_writer_class,
     resolve_device,
     train,
 )
-from diffkit.train import _autocast, _summary_writer_class
 
 __all__ = ["Pipeline", "check_guidance_scale"]  # check_guidance_scale: from diffkit.guidance, as before
 
@@ -593,7 +595,7 @@ class Pipeline:
             else:
                 for msg in damaged:
                     say(msg)
-                _check_resumable(found, spec, dist, allow_spec_change, config.steps)
+                _check_resumable(found, spec, dist, allow_spec_change, config.steps, self.registry)
                 say(f"resuming from {found.name} in {checkpoints.directory}")
         elif dist.is_writer and self.steps_trained == 0 and checkpoints.exists():
             raise DiffkitError(
@@ -1191,6 +1193,7 @@ class Pipeline:
         raw, changed = checkpoint.resolve_recorded_components(
             parse_spec_file(directory / SPEC_FILE), meta.get("components"), registry, directory
         )
+        raw = complete_saved_spec(raw, registry)  # parameters added since it was saved, as it was trained
         try:
             spec = validate_spec(raw, registry, source=str(directory / SPEC_FILE))
             context = BuildContext(
@@ -1535,7 +1538,7 @@ def _is_default(path: str, value: Any) -> bool:
 
 
 def _check_resumable(
-    found: TrainingCheckpoint, spec: dict[str, Any] | None, dist: DistContext, allow: bool, steps: int
+    found: TrainingCheckpoint, spec: dict[str, Any] | None, dist: DistContext, allow: bool, steps: int, registry: Registry
 ) -> None:
     """Refuse to resume from ``found`` with a spec or a number of processes it was not written
     for, or with fewer steps than it has already trained."""
@@ -1552,7 +1555,7 @@ def _check_resumable(
         )
     if spec is None or saved.get("spec") is None:
         return
-    changes = _spec_changes(saved["spec"], spec)
+    changes = _spec_changes(complete_saved_spec(saved["spec"], registry), spec)
     if not changes:
         return
 

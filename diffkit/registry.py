@@ -9,9 +9,9 @@ two components of one kind and name are never resolved silently.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import pluggy
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -42,6 +42,14 @@ class Params(BaseModel):
     every field a ``Field(description=...)``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    saved_defaults: ClassVar[Mapping[str, Any]] = {}
+    """Values for parameters a saved run's spec lacks because it was written before they
+    existed: a parameter added with a default that behaves otherwise than the component did
+    before names the old behaviour here (``{"scale_by_sigma": False}``), so that a run saved
+    earlier loads, samples and resumes as it was trained. A spec a user writes gets the
+    field's default as always; only specs read back from a run directory or a checkpoint
+    are completed this way (:func:`diffkit.spec.complete_saved_spec`)."""
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ __all__ = [
     "OPTIONAL_SECTIONS",
     "register_upgrade",
     "upgrade_spec",
+    "complete_saved_spec",
 ]
 
 # spec section -> kind of component; the order is the order sections are written in
@@ -545,6 +546,36 @@ def iter_sections(spec: Spec) -> Iterator[tuple[str, str, BaseModel]]:
     for section, kind in SECTIONS.items():
         if getattr(spec, section) is not None:
             yield from _sections(getattr(spec, section), section, kind)
+
+
+def complete_saved_spec(data: Any, registry: Registry | None = None) -> Any:
+    """A spec read back from a run directory or a checkpoint, with the parameters it lacks
+    because it was written before they existed set to what the component did then (each
+    component's ``Params.saved_defaults``), nested sections included. A copy; sections whose
+    component is unknown are left for validation to report."""
+    import copy
+
+    registry = registry or current_registry()
+
+    def complete(section: Any, kind: str) -> None:
+        if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+            return
+        try:
+            params = registry.get(kind, section["type"]).component.params
+        except (ComponentLookupError, KeyError):
+            return
+        for name, value in getattr(params, "saved_defaults", {}).items():
+            if name in params.model_fields and name not in section:
+                section[name] = copy.deepcopy(value)
+        for name, sub_kind in nested_sections(params).items():
+            complete(section.get(name), sub_kind)
+
+    if not isinstance(data, Mapping):
+        return data
+    data = copy.deepcopy(dict(data))
+    for name, kind in SECTIONS.items():
+        complete(data.get(name), kind)
+    return data
 
 
 # -- specs of earlier releases ---------------------------------------------------------------

@@ -260,6 +260,8 @@ class RectifiedFlowParams(Params):
         " path, which logit-normal t almost never draws, stay trained.",
     )
 
+    saved_defaults = {"t_sampling": "uniform"}  # runs saved before t_sampling existed trained on uniform t
+
 
 class RectifiedFlow(Process):
     """α(t) = 1 − t, σ(t) = t on [0, t_max] (Liu et al. 2022, Eq. 1; Lipman et al. 2023, Eq. 20

@@ -19,7 +19,15 @@ from diffkit.process import Process
 
 
 class ScoreParams(Params):
-    """Denoising score matching: regress the network's output on ∇ log q(x_t | x_0) = −ε/σ(t)."""
+    """Denoising score matching: regress the score s_θ(x_t, t) on ∇ log q(x_t | x_0) = −ε/σ(t)."""
+
+    scale_by_sigma: bool = Field(
+        True,
+        description="Read the network's output F divided by σ(t) as the score, s_θ = F/σ (Song & Ermon 2020,"
+        " Technique 3): F then regresses on −ε, of unit size at every noise level, where the score itself grows"
+        " as 1/σ near the data. false reads the output as the score itself (what runs saved before this"
+        " parameter existed do).",
+    )
 
     weighting: Literal["sigma2", "likelihood"] = Field(
         "sigma2",
@@ -28,6 +36,8 @@ class ScoreParams(Params):
         " diffusion of the forward SDE (β_t on a discrete table; Song et al. 2021, 'Maximum likelihood training"
         " of score-based diffusion models', Thm. 1), scaled so that its average over t of λ/σ² is 1.",
     )
+
+    saved_defaults = {"scale_by_sigma": False}  # runs saved before it existed read the output as the score
 
 
 LIKELIHOOD_QUADRATURE = 4096
@@ -50,34 +60,52 @@ class Score(Objective):
     variational bound on each t instead (Song et al. 2021, Thm. 1; on a table g² = β_t, in
     ε terms λ/σ² ∝ β_t/σ_t², Ho et al. 2020 Eq. 12 up to the factor 1/(2α_t)). On ``ve``
     g² = 2σ² ln(σ_max/σ_min) ∝ σ², so both weightings are one there.
+
+    With ``scale_by_sigma`` (the default) the network outputs F and s_θ = F/σ (Song & Ermon
+    2020, Technique 3; score_sde divides its VP and VE models' outputs by σ the same way): the
+    same loss is then E (λ/σ²) ‖F − (−ε)‖², so F regresses on a target of unit size at every
+    t instead of one that grows as 1/σ near the data; with λ = σ² it is the ε loss with the
+    output's sign flipped.
     """
 
     def __init__(self, params: ScoreParams) -> None:
         super().__init__()
         self.params = params
 
+    @property
+    def scaled(self) -> bool:
+        return self.params.scale_by_sigma
+
     def target(self, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
-        """∇_{x_t} log q(x_t | x_0) = −ε/σ(t)."""
+        """∇_{x_t} log q(x_t | x_0) = −ε/σ(t); with ``scale_by_sigma`` the output's target σ·(−ε/σ) = −ε."""
+        if self.scaled:
+            return -eps
         _, s = schedule.coefficients(t, x_t)
         return -eps / s.to(x_t.dtype)
 
     def denoised(self, output: Tensor, x_t: Tensor, t: Tensor, process: Process) -> tuple[Tensor, Tensor]:
-        """ε̂ = −σ s_θ, x̂_0 = (x_t − σ ε̂)/α (Tweedie's formula)."""
+        """ε̂ = −σ s_θ (−F with ``scale_by_sigma``), x̂_0 = (x_t − σ ε̂)/α (Tweedie's formula)."""
         a, s = process.coefficients(t, x_t)
-        eps = -output * s.to(x_t.dtype)
+        eps = -output if self.scaled else -output * s.to(x_t.dtype)
         return (x_t - s.to(x_t.dtype) * eps) / a.to(x_t.dtype), eps
 
     def to_score(self, output: Tensor, x_t: Tensor, t: Tensor, schedule: Process) -> Tensor:
-        """The output is the score already."""
+        """s_θ: the output divided by σ(t) with ``scale_by_sigma``, else the output itself."""
+        if self.scaled:
+            _, s = schedule.coefficients(t, x_t)
+            return output / s.to(x_t.dtype)
         return output
 
     def weight(self, t: Tensor, schedule: Process, like: Tensor) -> Tensor:
-        """λ(t) per sample, shape ``[batch]``, in ``like``'s dtype."""
+        """λ(t) per sample, shape ``[batch]``, in ``like``'s dtype; with ``scale_by_sigma`` λ(t)/σ², the
+        same loss E λ ‖s_θ + ε/σ‖² written on the output F = σ s_θ."""
         _, s = schedule.coefficients(t, like)
         sigma2 = s.reshape(s.shape[0], -1)[:, 0].square()
         if self.params.weighting == "sigma2":
-            return sigma2.to(like.dtype)
-        return (_g2(schedule, t, like) / _mean_g2_over_sigma2(schedule)).to(like.dtype)
+            lam = sigma2
+        else:
+            lam = _g2(schedule, t, like) / _mean_g2_over_sigma2(schedule)
+        return (lam / sigma2.to(lam.dtype) if self.scaled else lam).to(like.dtype)
 
 
 def _g2(process: Process, t: Tensor, like: Tensor) -> Tensor:

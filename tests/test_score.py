@@ -1,7 +1,9 @@
 """The ``score`` objective: denoising score matching (Vincent 2011; Song & Ermon 2019).
 
 Its target is ∇ log q(x_t | x_0) = −ε/σ_t, its output converts to ε̂ = −σ_t s_θ, and
-with λ(t) = σ_t² its loss *is* the ε loss of the converted output. The decisive test
+with λ(t) = σ_t² its loss *is* the ε loss of the converted output. By default the network
+outputs F = σ_t s_θ (``scale_by_sigma``, Song & Ermon 2020, Technique 3), whose target is −ε;
+``scale_by_sigma: false`` reads the output as the score itself. The decisive test
 trains one small network per objective on a fixed problem and checks that both
 convert to the same ε̂: the exact denoiser of the Gaussian data.
 """
@@ -37,11 +39,12 @@ def schedule(kind: str = "linear", T: int = 1000):
 
 # -- conversions ---------------------------------------------------------------------------
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from(["linear", "cosine"]), st.integers(2, 1000), st.integers(0, 2**31 - 1))
-def test_target_is_the_conditional_score_and_converts_back_to_eps(kind, T, seed):
-    """target = ∇_{x_t} log N(x_t; √ᾱ x_0, σ² I) = −(x_t − √ᾱ x_0)/σ² = −ε/σ, and to_eps
-    of the target gives ε back; to_score is the identity."""
-    sch, obj = schedule(kind, T), objective()
+@given(st.sampled_from(["linear", "cosine"]), st.integers(2, 1000), st.integers(0, 2**31 - 1), st.booleans())
+def test_target_is_the_conditional_score_and_converts_back_to_eps(kind, T, seed, scaled):
+    """The score's target is ∇_{x_t} log N(x_t; √ᾱ x_0, σ² I) = −(x_t − √ᾱ x_0)/σ² = −ε/σ:
+    the output's target is that (``scale_by_sigma: false``) or σ times it, −ε (the default);
+    to_eps of the target gives ε back, to_score the conditional score."""
+    sch, obj = schedule(kind, T), objective(scale_by_sigma=scaled)
     g = torch.Generator().manual_seed(seed)
     x0, eps = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
     t = torch.randint(0, T, (6,), generator=g)
@@ -49,9 +52,14 @@ def test_target_is_the_conditional_score_and_converts_back_to_eps(kind, T, seed)
     a = sch.alpha_bar(t, x_t)
     expected = -(x_t - a.sqrt() * x0) / (1 - a)
     target = obj.target(x0, eps, x_t, t, sch)
-    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-6 / (1 - a).sqrt().min().item())
+    atol = 1e-6 / (1 - a).sqrt().min().item()
+    if scaled:
+        torch.testing.assert_close(target, -eps)
+        torch.testing.assert_close(obj.to_score(target, x_t, t, sch), expected, rtol=1e-6, atol=atol)
+    else:
+        torch.testing.assert_close(target, expected, rtol=1e-6, atol=atol)
+        assert obj.to_score(target, x_t, t, sch) is target
     torch.testing.assert_close(obj.to_eps(target, x_t, t, sch), eps)
-    assert obj.to_score(target, x_t, t, sch) is target
     torch.testing.assert_close(obj.to_x0(target, x_t, t, sch), x0, rtol=1e-6, atol=1e-6)
 
 
@@ -81,12 +89,13 @@ def process(name: str):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(sorted(PROCESSES)), st.integers(0, 2**31 - 1))
-def test_round_trip_on_every_process(name, seed):
-    """On every process x_t = α x_0 + σ ε at random continuous t: the target is −ε/σ, and
-    denoised(target) gives back (x_0, ε) (ε̂ = −σ s, x̂_0 = (x_t + σ² s)/α); to_score is the
-    output, to_velocity is α' x_0 + σ' ε (Song et al. 2021, Eq. 13)."""
-    proc, obj = process(name), objective()
+@given(st.sampled_from(sorted(PROCESSES)), st.integers(0, 2**31 - 1), st.booleans())
+def test_round_trip_on_every_process(name, seed, scaled):
+    """On every process x_t = α x_0 + σ ε at random continuous t: the score's target is −ε/σ
+    (the output's, σ times it with ``scale_by_sigma``), and denoised(target) gives back (x_0, ε)
+    (ε̂ = −σ s, x̂_0 = (x_t + σ² s)/α); to_score is the score, to_velocity is α' x_0 + σ' ε
+    (Song et al. 2021, Eq. 13)."""
+    proc, obj = process(name), objective(scale_by_sigma=scaled)
     g = torch.Generator().manual_seed(seed)
     x0, eps = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
     u = torch.rand(5, generator=g, dtype=F64)
@@ -95,23 +104,25 @@ def test_round_trip_on_every_process(name, seed):
     a, s = proc.alpha_sigma(t)
     x_t = a[:, None] * x0 + s[:, None] * eps
     target = obj.target(x0, eps, x_t, t, proc)
-    torch.testing.assert_close(target, -eps / s[:, None], rtol=1e-12, atol=0)
+    torch.testing.assert_close(target, -eps if scaled else -eps / s[:, None], rtol=1e-12, atol=0)
     x0_hat, eps_hat = obj.denoised(target, x_t, t, proc)
     torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-7, atol=1e-7 * float((s / a).max()))
-    assert obj.to_score(target, x_t, t, proc) is target
+    torch.testing.assert_close(obj.to_score(target, x_t, t, proc), -eps / s[:, None], rtol=1e-12, atol=0)
     da, ds = proc.derivatives(t)
     velocity = da[:, None] * x0 + ds[:, None] * eps
     atol = 1e-6 * float((s / a).max())
     torch.testing.assert_close(obj.to_velocity(target, x_t, t, proc), velocity, rtol=1e-6, atol=atol)
 
 
+@pytest.mark.parametrize("scaled", [True, False])
 @pytest.mark.parametrize("name", ["vp", "ve", "edm", "rectified-flow"])
-def test_the_exact_score_converts_to_the_exact_denoiser(name):
+def test_the_exact_score_converts_to_the_exact_denoiser(name, scaled):
     """A network that outputs the exact score −C⁻¹(x − αμ), C = α²Σ + σ²I, of Gaussian data
-    converts through Score.denoised to GaussianData.denoiser's exact (x̂_0, ε̂): what a sampler
-    sees is the same whether the exact model is written as a score or as a denoiser."""
-    proc, obj = process(name), objective()
+    (σ times it with ``scale_by_sigma``) converts through Score.denoised to
+    GaussianData.denoiser's exact (x̂_0, ε̂): what a sampler sees is the same whether the
+    exact model is written as a score or as a denoiser."""
+    proc, obj = process(name), objective(scale_by_sigma=scaled)
     data = GaussianData(MEAN, COV)
     g = torch.Generator().manual_seed(1)
     t = proc.t_min + 1e-3 + (proc.t_max - proc.t_min - 1e-3) * torch.rand(64, generator=g, dtype=F64)
@@ -119,17 +130,19 @@ def test_the_exact_score_converts_to_the_exact_denoiser(name):
     a, s = proc.alpha_sigma(t)
     C = a[:, None, None] ** 2 * COV + s[:, None, None] ** 2 * torch.eye(2, dtype=F64)
     score = -torch.linalg.solve(C, (x_t - a[:, None] * MEAN).unsqueeze(-1)).squeeze(-1)
-    x0_hat, eps_hat = obj.denoised(score, x_t, t, proc)
+    x0_hat, eps_hat = obj.denoised(s[:, None] * score if scaled else score, x_t, t, proc)
     exact = data.denoiser(proc)(x_t, t)
     torch.testing.assert_close(eps_hat, exact.eps, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(x0_hat, exact.x0, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("scaled", [True, False])
 @pytest.mark.parametrize("name", ["vp", "ve", "edm", "rectified-flow"])
-def test_sigma2_weighting_is_the_eps_loss_on_continuous_processes(name):
+def test_sigma2_weighting_is_the_eps_loss_on_continuous_processes(name, scaled):
     """λ = σ(t)²: per sample, λ ‖s_θ − target‖² = ‖ε̂ − ε‖² with ε̂ = −σ s_θ, the ε loss of the
-    converted output, at t drawn as the process draws it for training."""
-    proc, obj = process(name), objective()
+    converted output, at t drawn as the process draws it for training (written on the output
+    F = σ s_θ with ``scale_by_sigma``: weight λ/σ² = 1 and target −ε)."""
+    proc, obj = process(name), objective(scale_by_sigma=scaled)
     g = torch.Generator().manual_seed(2)
     t = obj.sample_t(proc, 64, g, torch.device("cpu")).double().clamp(min=max(proc.t_min, 1e-3))
     x0, eps, out = (torch.randn(64, 2, generator=g, dtype=F64) for _ in range(3))
@@ -144,7 +157,7 @@ def test_likelihood_weighting_on_continuous_processes():
     """λ(t) ∝ g(t)² of the forward SDE (Song et al. 2021, Thm. 1): on vp g² = β(t) =
     β_min + t(β_max − β_min), linear in t; on ve g² = 2σ² ln(σ_max/σ_min), so the average of
     λ/σ² is 2 ln(σ_max/σ_min) and the normalised weight is σ² itself, the sigma2 weighting."""
-    obj, default = objective(weighting="likelihood"), objective()
+    obj, default = objective(weighting="likelihood", scale_by_sigma=False), objective(scale_by_sigma=False)
     vp = process("vp")
     t = torch.linspace(vp.t_min, 1.0, 50, dtype=F64)
     like = torch.zeros(50, 2, dtype=F64)
@@ -153,12 +166,18 @@ def test_likelihood_weighting_on_continuous_processes():
     ve = process("ve")
     torch.testing.assert_close(obj.weight(t, ve, like), default.weight(t, ve, like), rtol=1e-9, atol=0)
     torch.testing.assert_close(default.weight(t, ve, like), ve.alpha_sigma(t)[1].square(), rtol=1e-12, atol=0)
+    # on the scaled output F = σ s_θ the same loss weighs by λ/σ²: β(t)/σ² on vp, one for σ² weighting
+    scaled = objective(weighting="likelihood").weight(t, vp, like)
+    torch.testing.assert_close(scaled, obj.weight(t, vp, like) / vp.alpha_sigma(t)[1].square(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(objective().weight(t, vp, like), torch.ones(50, dtype=F64), rtol=0, atol=0)
 
 
 # -- weights and the loss ------------------------------------------------------------------
-def test_sigma2_weighting_makes_the_loss_the_eps_loss():
+@pytest.mark.parametrize("scaled", [True, False])
+def test_sigma2_weighting_makes_the_loss_the_eps_loss(scaled):
     """λ = σ_t²: E σ² ‖s_θ + ε/σ‖² = E ‖(−σ s_θ) − ε‖², the ε loss of the network
-    whose output is −σ_t s_θ, drawn with the same t and ε."""
+    whose output is −σ_t s_θ, drawn with the same t and ε; the same with the output read
+    as σ_t s_θ (``scale_by_sigma``)."""
     sch = schedule()
     torch.manual_seed(0)
     score_net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
@@ -166,11 +185,14 @@ def test_sigma2_weighting_makes_the_loss_the_eps_loss():
     def f_score(x, t, cond=None):
         return score_net(x) * (1 + t[:, None] / 1000)
 
+    def f_out(x, t, cond=None):
+        return f_score(x, t) * (1 - sch.alpha_bar(t, x)).sqrt().to(x.dtype) if scaled else f_score(x, t)
+
     def f_eps(x, t, cond=None):
         return D.score_to_eps(f_score(x, t), sch.alpha_bar(t, x))
 
     x0 = torch.randn(256, 2)
-    dsm = objective().loss(f_score, sch, x0, generator=torch.Generator().manual_seed(3))
+    dsm = objective(scale_by_sigma=scaled).loss(f_out, sch, x0, generator=torch.Generator().manual_seed(3))
     eps_loss = REGISTRY.build("objective", "epsilon").loss(f_eps, sch, x0, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(dsm, eps_loss, rtol=1e-5, atol=0)
 
@@ -179,13 +201,13 @@ def test_sigma2_weighting_makes_the_loss_the_eps_loss():
 def test_likelihood_weighting_is_proportional_to_beta(kind):
     """λ(t) ∝ β_t = g(t)² of the discretised VP SDE (Song et al. 2021, Thm. 1),
     normalised so that the mean over t of λ/σ_t² is 1."""
-    sch, obj = schedule(kind), objective(weighting="likelihood")
+    sch, obj = schedule(kind), objective(weighting="likelihood", scale_by_sigma=False)
     t = torch.arange(sch.T)
     w = obj.weight(t, sch, torch.zeros(sch.T, 2)).double()
     ratio = w / sch.betas
     torch.testing.assert_close(ratio, ratio.mean().expand_as(ratio), rtol=1e-5, atol=0)
     assert math.isclose((w / sch.sigmas.square()).mean().item(), 1.0, rel_tol=1e-5)
-    default = objective().weight(t, sch, torch.zeros(sch.T, 2)).double()
+    default = objective(scale_by_sigma=False).weight(t, sch, torch.zeros(sch.T, 2)).double()
     torch.testing.assert_close(default, sch.sigmas.square(), rtol=1e-6, atol=0)
 
 
@@ -249,6 +271,7 @@ def test_dsm_and_eps_objectives_have_the_same_minimiser():
     predictors = {
         "epsilon": fit_to_eps({"type": "epsilon"}, sch, x0),
         "score": fit_to_eps({"type": "score"}, sch, x0),
+        "score-unscaled": fit_to_eps({"type": "score", "scale_by_sigma": False}, sch, x0),
         "score-likelihood": fit_to_eps({"type": "score", "weighting": "likelihood"}, sch, x0),
     }
 
@@ -263,7 +286,7 @@ def test_dsm_and_eps_objectives_have_the_same_minimiser():
             eps = torch.randn(x_test.shape, generator=g, dtype=F64)
             x_t = sch.q_sample(x_test, tt, eps)
             got = {name: p(x_t, tt) for name, p in predictors.items()}
-            for name in ("score", "score-likelihood"):
+            for name in ("score", "score-unscaled", "score-likelihood"):
                 assert rel(got[name], got["epsilon"]) < 1e-5, (name, t, rel(got[name], got["epsilon"]))
             best = oracle(x_t, tt)
             excess = (got["epsilon"] - best).square().sum(1).mean() / (best - eps).square().sum(1).mean()
