@@ -18,7 +18,8 @@ paired by seed as benchmarks/bench_steps.py measures.
    draw of seed 1000 + k; the noise floor of seed k is the draw of seed 2000 + k against the
    same one. Ratios are paired by seed (each is a mean over seeds of per-seed ratios).
    Goals: ``edm`` and ``rf`` within 1.25× of ``ddpm``; ``ncsn``, ``ncsn-pc`` and ``vp-pc``
-   within 1.5× the noise floor.
+   within 1.5× the noise floor (the issue's), and within 1.5× ``ddpm`` (restated: with the
+   exact score these samplers land at DDPM-1000's distance, itself ~1.5× the floor).
 2. **The sweep** (``--samplers``): every sampler on the EDM-trained network at several step
    counts (``ode`` at several tolerances), distance against network evaluations, counted
    by a hook on the network.
@@ -73,7 +74,10 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None, str]] = {
     "ncsn-pc": ("moons-ncsn.yaml", {"type": "pc"}, "ve + score + pc"),
     "vp-pc": ("moons-vp-pc.yaml", None, "vp + score + pc"),
 }
-GOALS = {"edm": ("ddpm", 1.25), "rf": ("ddpm", 1.25), "ncsn": ("floor", 1.5), "ncsn-pc": ("floor", 1.5), "vp-pc": ("floor", 1.5)}
+# (against, bound) pairs; the NCSN rows carry the issue's goal (1.5× the floor) and the target
+# restated from the exact-score oracle (1.5× DDPM-1000; benchmarks/README.md)
+NCSN_GOALS = [("floor", 1.5), ("ddpm", 1.5)]
+GOALS = {"edm": [("ddpm", 1.25)], "rf": [("ddpm", 1.25)], "ncsn": NCSN_GOALS, "ncsn-pc": NCSN_GOALS, "vp-pc": NCSN_GOALS}
 
 # (sampler section, label) on the EDM network: steps for the step samplers, tolerances for ode
 SWEEP: dict[str, list[dict[str, Any]]] = {
@@ -300,11 +304,11 @@ def report(args: argparse.Namespace) -> None:
         xd = [a / b for a, b in zip(r["sw"], ref["sw"])] if ref else []
         mf = [a / b for a, b in zip(r.get("sw_matched", []), r.get("floor_matched", []))]
         md = [a / b for a, b in zip(r.get("sw_matched", []), (ref or {}).get("sw_matched", []))]
-        goal = ""
-        if key in GOALS:
-            against, bound = GOALS[key]
+        goals = []
+        for against, bound in GOALS.get(key, []):
             value = statistics.mean(xf if against == "floor" else xd) if (against == "floor" or xd) else float("nan")
-            goal = f"≤ {bound}× {'floor' if against == 'floor' else 'DDPM-1000'} {'✔' if value <= bound else '✘'}"
+            goals.append(f"≤ {bound}× {'floor' if against == 'floor' else 'DDPM-1000'} {'✔' if value <= bound else '✘'}")
+        goal = "; ".join(goals)
         print(
             f"| `{r['spec']}` | {r['label']} | {r['nfe'] if r['nfe'] is not None else ''} | {statistics.mean(r['sw']):.4f} ± {_se(r['sw']):.4f}"
             f" | {_mean_se(xf)} | {_mean_se(xd)} | {_mean_se(mf)} | {_mean_se(md)} | {_share(r)} | {goal} |"

@@ -8,7 +8,7 @@ the probability-flow ODE) is derived in :class:`diffkit.process.Process`.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -260,7 +260,7 @@ class RectifiedFlowParams(Params):
         " path, which logit-normal t almost never draws, stay trained.",
     )
 
-    saved_defaults = {"t_sampling": "uniform"}  # runs saved before t_sampling existed trained on uniform t
+    saved_defaults: ClassVar[dict[str, Any]] = {"t_sampling": "uniform"}  # runs saved before t_sampling existed trained on uniform t
 
 
 class RectifiedFlow(Process):

@@ -8,7 +8,7 @@ a score.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -37,7 +37,7 @@ class ScoreParams(Params):
         " of score-based diffusion models', Thm. 1), scaled so that its average over t of λ/σ² is 1.",
     )
 
-    saved_defaults = {"scale_by_sigma": False}  # runs saved before it existed read the output as the score
+    saved_defaults: ClassVar[dict[str, Any]] = {"scale_by_sigma": False}  # runs saved before it existed read the output as the score
 
 
 LIKELIHOOD_QUADRATURE = 4096
