@@ -179,8 +179,13 @@ def _ctrl_c_watch() -> Iterator[Callable[[], bool]]:
     plugin loads, SIGINT is noted before Python's handler raises as it always does.
     Yields a function saying whether SIGINT arrived. Where the handler cannot be
     watched (another thread, a handler that is not Python's), every
-    ``KeyboardInterrupt`` counts as the user's."""
+    ``KeyboardInterrupt`` counts as the user's. Where SIGINT is ignored (a process started in
+    the background by a shell, or under ``nohup``) no Ctrl-C can raise one, so every
+    ``KeyboardInterrupt`` is the plugin's own."""
     previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        yield lambda: False
+        return
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
         yield lambda: True
         return

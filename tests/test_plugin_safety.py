@@ -86,6 +86,22 @@ def test_a_plugin_ending_the_process_at_import_is_reported_and_the_rest_load(mak
         diffkit.load_plugins(strict=True)
 
 
+def test_a_plugin_raising_keyboard_interrupt_is_contained_where_sigint_is_ignored(make_dist, good):
+    """A process started in the background (``cmd &`` in a script, ``nohup``) ignores SIGINT,
+    so no Ctrl-C can reach it: a KeyboardInterrupt at import is the plugin's own failure."""
+    import signal
+
+    make_dist("exiting-plugin", "0.2", {"exiter": ("exiting_diffkit_plugin", "raise KeyboardInterrupt")})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        registry = diffkit.load_plugins()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    [failed] = registry.failed()
+    assert failed.error.startswith("raised KeyboardInterrupt at import"), failed.error
+    assert registry.get("data", "good-points").plugin == "good"
+
+
 def test_a_plugin_calling_sys_exit_in_its_hook_is_reported_and_contributes_nothing(make_dist, good):
     source = """
     import sys
@@ -148,7 +164,16 @@ time.sleep(5)  # the handler runs at the next bytecode; never reached
 """
 
 
-def test_ctrl_c_while_a_plugin_imports_still_interrupts(make_dist, good, capsys):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler, as in a terminal: a test run started in the background
+    (which ignores SIGINT) would otherwise never see the Ctrl-C these tests send."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_a_plugin_imports_still_interrupts(make_dist, good, capsys, ctrl_c_raises):
     make_dist("slow-plugin", "1.0", {"slow": ("slow_diffkit_plugin", CTRL_C_AT_IMPORT)})
     with pytest.raises(KeyboardInterrupt):
         diffkit.load_plugins()
